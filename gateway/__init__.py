@@ -1,0 +1,53 @@
+"""The imaging research gateway: archive API v1 and annotation API over one SQL store."""
+import os
+
+from flask import Flask
+from flask.wrappers import Request
+
+from .auth import CredentialCache
+from .config import load_config
+from .db import configure_engine, db
+from .storage import FileStorage
+
+
+class GatewayRequest(Request):
+    """Spools uploaded files into the storage's tmp folder, so storing one is a rename, not a copy."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        from flask import current_app
+
+        handle = current_app.extensions["gateway.storage"].temp_file()
+        self.environ.setdefault("gateway.temp_files", []).append(handle)
+        return handle
+
+
+def create_app(test_config=None):
+    app = Flask(__name__, instance_relative_config=True)
+    app.request_class = GatewayRequest
+    load_config(app, test_config)
+    os.makedirs(app.instance_path, exist_ok=True)
+
+    db.init_app(app)
+    with app.app_context():
+        configure_engine(db.engine)
+    app.extensions["gateway.storage"] = FileStorage(app.config["STORAGE_DIR"])
+    app.extensions["gateway.credentials"] = CredentialCache(app.config["CREDENTIAL_CACHE_SECONDS"])
+
+    @app.teardown_request
+    def _discard_unused_uploads(_error):
+        from flask import request
+
+        storage = app.extensions["gateway.storage"]
+        for handle in request.environ.pop("gateway.temp_files", []):
+            handle.close()
+            storage.discard_temp(handle.name)
+
+    from . import v1
+
+    app.register_blueprint(v1.bp)
+    v1.register_error_handlers(app)
+
+    from .cli import register_commands
+
+    register_commands(app)
+    return app

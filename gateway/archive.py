@@ -1,0 +1,381 @@
+"""The archive's domain logic: storing uploaded instances, browsing, streaming a series, deleting.
+
+Every function works inside one archive (an ArchiveRef from projects.resolve_archive); the same
+UIDs in two archives are two different objects.
+"""
+import datetime
+import filecmp
+import logging
+import zipfile
+
+from flask import current_app
+from sqlalchemy import and_, bindparam, delete, insert, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from werkzeug.utils import secure_filename
+
+from .db import db, write_transaction
+from .dicom_ingest import read_instance
+from .errors import Conflict, ObjectNotFound
+from .models import instances, patients, series, studies
+
+log = logging.getLogger(__name__)
+
+ZIP_CHUNK_BYTES = 1 << 20
+
+
+def storage():
+    return current_app.extensions["gateway.storage"]
+
+
+# --- upload ---------------------------------------------------------------------------------------
+
+
+def clean_filename(name, fallback):
+    """The spec's filename advice: only letters, digits, '-', '_' and '.' survive."""
+    return (secure_filename(name or "") or fallback)[:255]
+
+
+def _insert_ignoring_conflict(session, table, values):
+    dialect = session.get_bind().dialect.name
+    insert_for_dialect = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(insert_for_dialect(table).values(**values).on_conflict_do_nothing())
+
+
+def _get_or_create(session, table, key_columns, values):
+    """The row (id plus key columns) with these key values, created from `values` if absent; race-safe."""
+    where = and_(*(table.c[column] == values[column] for column in key_columns))
+    query = select(table).where(where)
+    row = session.execute(query).first()
+    if row is None:
+        _insert_ignoring_conflict(session, table, values)
+        row = session.execute(query).one()
+    return row
+
+
+def store_instance(archive, handle, size, filename):
+    """Store the uploaded file open in `handle` (a storage temp file) and return its four identifiers.
+
+    The file is validated first; rows and file land together or not at all. The same bytes again are
+    accepted as they are; different bytes under a stored SOPInstanceUID, or a study or series that
+    the stored objects tie to another patient or study, are a Conflict.
+    """
+    tags = read_instance(handle, size)
+    if archive.project_kind == "retina":
+        tags.series["series_instance_uid"] = tags.sop_uid
+    answer = {
+        "PatientID": tags.patient_id,
+        "StudyInstanceUID": tags.study_uid,
+        "SeriesInstanceUID": tags.series_uid,
+        "SOPInstanceUID": tags.sop_uid,
+    }
+    files = storage()
+    key = files.new_key()
+    placed = False
+    try:
+        with write_transaction() as session:
+            existing = _existing_instance(session, archive, tags)
+            if existing is not None:
+                _check_same_instance(existing, handle, size, tags)
+                return answer
+            patient = _get_or_create(
+                session, patients, ("archive_id", "patient_id"), {"archive_id": archive.id, **tags.patient}
+            )
+            study = _get_or_create(
+                session,
+                studies,
+                ("archive_id", "study_instance_uid"),
+                {"archive_id": archive.id, "patient_pk": patient.id, **tags.study},
+            )
+            if study.patient_pk != patient.id:
+                raise Conflict(
+                    "conflicting_instance",
+                    f"study {tags.study_uid} belongs to another patient than {tags.patient_id}",
+                )
+            series_row = _get_or_create(
+                session,
+                series,
+                ("archive_id", "series_instance_uid"),
+                {"archive_id": archive.id, "study_pk": study.id, "status": "uploaded", **tags.series},
+            )
+            if series_row.study_pk != study.id:
+                raise Conflict(
+                    "conflicting_instance", f"series {tags.series_uid} belongs to another study than {tags.study_uid}"
+                )
+            _insert_ignoring_conflict(
+                session,
+                instances,
+                {
+                    "archive_id": archive.id,
+                    "series_pk": series_row.id,
+                    "filename": clean_filename(filename, f"{tags.sop_uid}.dcm"),
+                    "storage_key": key,
+                    "size_bytes": size,
+                    "created_at": datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
+                    **tags.instance,
+                },
+            )
+            existing = _existing_instance(session, archive, tags)
+            if existing.storage_key != key:  # another client stored this instance a moment ago
+                _check_same_instance(existing, handle, size, tags)
+                return answer
+            files.place(handle, key)
+            placed = True
+    except BaseException:
+        if placed:
+            files.delete(key)  # its row was rolled back
+        raise
+    return answer
+
+
+def _existing_instance(session, archive, tags):
+    return session.execute(
+        select(instances.c.storage_key, instances.c.size_bytes, series.c.series_instance_uid)
+        .join(series, series.c.id == instances.c.series_pk)
+        .where(instances.c.archive_id == archive.id, instances.c.sop_instance_uid == tags.sop_uid)
+    ).first()
+
+
+def _check_same_instance(existing, handle, size, tags):
+    handle.flush()
+    same = (
+        existing.series_instance_uid == tags.series_uid
+        and existing.size_bytes == size
+        and filecmp.cmp(handle.name, storage().path(existing.storage_key), shallow=False)
+    )
+    if not same:
+        raise Conflict(
+            "conflicting_instance",
+            f"another file is stored under SOPInstanceUID {tags.sop_uid}; delete it before uploading a new one",
+        )
+
+
+# --- lookups ----------------------------------------------------------------------------------------
+
+
+def _iso(value):
+    return value.isoformat() if value is not None else None
+
+
+def _patient_json(row):
+    return {
+        "PatientID": row.patient_id,
+        "PatientName": row.patient_name,
+        "PatientSex": row.patient_sex,
+        "PatientBirthDate": _iso(row.patient_birth_date),
+    }
+
+
+def _study_json(row):
+    return {
+        "StudyInstanceUID": row.study_instance_uid,
+        "StudyDate": _iso(row.study_date),
+        "StudyTime": row.study_time,
+        "StudyDescription": row.study_description,
+        "ReferringPhysicianName": row.referring_physician_name,
+        "InstitutionName": row.institution_name,
+        "AccessionNumber": row.accession_number,
+    }
+
+
+def _series_json(row):
+    return {
+        "SeriesInstanceUID": row.series_instance_uid,
+        "SOPClassUID": row.sop_class_uid,
+        "SeriesDate": _iso(row.series_date),
+        "SeriesTime": row.series_time,
+        "SeriesDescription": row.series_description,
+        "Manufacturer": row.manufacturer,
+        "ManufacturerModelName": row.manufacturer_model_name,
+        "status": row.status,
+        "status_message": row.status_message,
+    }
+
+
+def _patient_not_found(patient_id):
+    return ObjectNotFound("patient_not_found", f"patient {patient_id!r} not found")
+
+
+def _study_not_found(patient_id, study_uid):
+    return ObjectNotFound("study_not_found", f"study {study_uid!r} of patient {patient_id!r} not found")
+
+
+def _series_not_found(patient_id, study_uid, series_uid):
+    return ObjectNotFound(
+        "series_not_found", f"series {series_uid!r} of study {study_uid!r} and patient {patient_id!r} not found"
+    )
+
+
+_PATIENT = select(patients).where(
+    patients.c.archive_id == bindparam("archive_id"), patients.c.patient_id == bindparam("patient_id")
+)
+_STUDY = (
+    select(studies)
+    .join(patients, patients.c.id == studies.c.patient_pk)
+    .where(
+        studies.c.archive_id == bindparam("archive_id"),
+        studies.c.study_instance_uid == bindparam("study_uid"),
+        patients.c.patient_id == bindparam("patient_id"),
+    )
+)
+_SERIES = (
+    select(series)
+    .join(studies, studies.c.id == series.c.study_pk)
+    .join(patients, patients.c.id == studies.c.patient_pk)
+    .where(
+        series.c.archive_id == bindparam("archive_id"),
+        series.c.series_instance_uid == bindparam("series_uid"),
+        studies.c.study_instance_uid == bindparam("study_uid"),
+        patients.c.patient_id == bindparam("patient_id"),
+    )
+)
+
+
+def _first(statement, **params):
+    # Prebuilt statements on the session's connection: building and ORM-executing them per call
+    # cost more than the queries themselves.
+    return db.session.connection().execute(statement, params).first()
+
+
+def _find_patient(archive, patient_id):
+    row = _first(_PATIENT, archive_id=archive.id, patient_id=patient_id)
+    if row is None:
+        raise _patient_not_found(patient_id)
+    return row
+
+
+def _find_study(archive, patient_id, study_uid):
+    row = _first(_STUDY, archive_id=archive.id, patient_id=patient_id, study_uid=study_uid)
+    if row is None:
+        raise _study_not_found(patient_id, study_uid)
+    return row
+
+
+def _find_series(archive, patient_id, study_uid, series_uid):
+    row = _first(_SERIES, archive_id=archive.id, patient_id=patient_id, study_uid=study_uid, series_uid=series_uid)
+    if row is None:
+        raise _series_not_found(patient_id, study_uid, series_uid)
+    return row
+
+
+def get_patient(archive, patient_id):
+    return _patient_json(_find_patient(archive, patient_id))
+
+
+def list_studies(archive, patient_id):
+    patient = _find_patient(archive, patient_id)
+    rows = db.session.execute(select(studies).where(studies.c.patient_pk == patient.id).order_by(studies.c.id))
+    return [_study_json(row) for row in rows]
+
+
+def get_study(archive, patient_id, study_uid):
+    return _study_json(_find_study(archive, patient_id, study_uid))
+
+
+def list_series(archive, patient_id, study_uid):
+    study = _find_study(archive, patient_id, study_uid)
+    rows = db.session.execute(select(series).where(series.c.study_pk == study.id).order_by(series.c.id))
+    return [_series_json(row) for row in rows]
+
+
+def get_series(archive, patient_id, study_uid, series_uid):
+    return _series_json(_find_series(archive, patient_id, study_uid, series_uid))
+
+
+# --- series download ----------------------------------------------------------------------------------
+
+
+class _ChunkSink:
+    """A write-only, non-seekable stream that collects what zipfile writes until it is drained."""
+
+    def __init__(self):
+        self._chunks = []
+        self._position = 0
+
+    def write(self, data):
+        self._chunks.append(bytes(data))
+        self._position += len(data)
+        return len(data)
+
+    def tell(self):
+        return self._position
+
+    def flush(self):
+        pass
+
+    def drain(self):
+        chunks, self._chunks = self._chunks, []
+        return b"".join(chunks)
+
+
+def series_zip(archive, patient_id, study_uid, series_uid):
+    """A generator of the zip of every instance of the series, one `<SOPInstanceUID>.dcm` entry each.
+
+    The rows are read before the first byte is produced, so a missing series is an error, not a
+    broken download; the files are read chunk by chunk while the zip is sent.
+    """
+    series_row = _find_series(archive, patient_id, study_uid, series_uid)
+    members = db.session.execute(
+        select(instances.c.sop_instance_uid, instances.c.storage_key, instances.c.size_bytes, instances.c.created_at)
+        .where(instances.c.series_pk == series_row.id)
+        .order_by(instances.c.id)
+    ).all()
+    files = storage()
+    if not members or not all(files.exists(member.storage_key) for member in members):
+        if members:
+            log.error("series %s has instances whose files are missing", series_row.id)
+        raise ObjectNotFound("no_dicom_available", f"no DICOM files are available for series {series_uid!r}")
+    return _zip_stream(files, members)
+
+
+def _zip_stream(files, members):
+    sink = _ChunkSink()
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive_zip:
+        for member in members:
+            info = zipfile.ZipInfo(f"{member.sop_instance_uid}.dcm", date_time=member.created_at.timetuple()[:6])
+            info.file_size = member.size_bytes
+            with files.open(member.storage_key) as source, archive_zip.open(info, mode="w") as target:
+                while chunk := source.read(ZIP_CHUNK_BYTES):
+                    target.write(chunk)
+                    yield sink.drain()
+            yield sink.drain()  # the entry's data descriptor
+    yield sink.drain()  # the central directory
+
+
+# --- deletes ------------------------------------------------------------------------------------------
+
+
+def _delete_rows_then_files(table, row_id, instance_filter, not_found):
+    """Delete a row (the schema cascades to everything below it), then its files.
+
+    The rows go first: a crash between the two steps leaves unreferenced files, never a row whose
+    file is missing.
+    """
+    with write_transaction() as session:
+        keys = session.execute(select(instances.c.storage_key).where(instance_filter)).scalars().all()
+        if session.execute(delete(table).where(table.c.id == row_id)).rowcount != 1:
+            raise not_found  # deleted by another client since it was looked up
+    files = storage()
+    for key in keys:
+        files.delete(key)
+
+
+def delete_patient(archive, patient_id):
+    patient = _find_patient(archive, patient_id)
+    in_patient = instances.c.series_pk.in_(
+        select(series.c.id).join(studies, studies.c.id == series.c.study_pk).where(studies.c.patient_pk == patient.id)
+    )
+    _delete_rows_then_files(patients, patient.id, in_patient, _patient_not_found(patient_id))
+
+
+def delete_study(archive, patient_id, study_uid):
+    study = _find_study(archive, patient_id, study_uid)
+    in_study = instances.c.series_pk.in_(select(series.c.id).where(series.c.study_pk == study.id))
+    _delete_rows_then_files(studies, study.id, in_study, _study_not_found(patient_id, study_uid))
+
+
+def delete_series(archive, patient_id, study_uid, series_uid):
+    series_row = _find_series(archive, patient_id, study_uid, series_uid)
+    _delete_rows_then_files(
+        series, series_row.id, instances.c.series_pk == series_row.id, _series_not_found(patient_id, study_uid, series_uid)
+    )

@@ -1,0 +1,85 @@
+"""Archive users: creation, permissions, and the check that every v1 call makes."""
+import datetime
+
+from flask import current_app
+from sqlalchemy import and_, bindparam, delete, exists, insert, select
+
+from ..db import db, write_transaction
+from ..errors import NotAllowed, NotAuthenticated
+from ..models import user_permissions, users
+from .credentials import hash_password
+from .permissions import expand_permissions
+
+
+def create_user(username, email, password):
+    if not username or not password:
+        raise ValueError("a user needs a username and a non-empty password")
+    with write_transaction() as session:
+        if session.execute(select(users.c.id).where(users.c.username == username)).first():
+            raise ValueError(f"user {username!r} exists already")
+        session.execute(
+            insert(users).values(
+                username=username,
+                email=email,
+                password_hash=hash_password(password),
+                created_at=datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
+            )
+        )
+
+
+def set_password(username, password):
+    with write_transaction() as session:
+        result = session.execute(
+            users.update().where(users.c.username == username).values(password_hash=hash_password(password))
+        )
+        if result.rowcount != 1:
+            raise ValueError(f"no user {username!r}")
+
+
+def user_id_of(session, username):
+    user_id = session.execute(select(users.c.id).where(users.c.username == username)).scalar()
+    if user_id is None:
+        raise ValueError(f"no user {username!r}")
+    return user_id
+
+
+def grant(username, names):
+    permissions = expand_permissions(names)
+    with write_transaction() as session:
+        user_id = user_id_of(session, username)
+        session.execute(
+            delete(user_permissions).where(
+                user_permissions.c.user_id == user_id, user_permissions.c.permission.in_(permissions)
+            )
+        )
+        session.execute(insert(user_permissions), [{"user_id": user_id, "permission": p} for p in permissions])
+    return permissions
+
+
+_CREDENTIALS = select(
+    users.c.id,
+    users.c.password_hash,
+    exists().where(
+        and_(user_permissions.c.user_id == users.c.id, user_permissions.c.permission == bindparam("permission"))
+    ),
+).where(users.c.username == bindparam("username"))
+
+
+def authenticate(username, password, permission):
+    """The id of the user these credentials name, who must hold `permission`.
+
+    Raises NotAuthenticated (missing or wrong credentials) before NotAllowed (missing permission).
+    """
+    if not username or not password:
+        raise NotAuthenticated(None, "X-USERNAME and X-PASSWORD headers are required")
+    row = db.session.connection().execute(_CREDENTIALS, {"username": username, "permission": permission}).first()
+    cache = current_app.extensions["gateway.credentials"]
+    if row is None:
+        cache.verify(None, None, password)
+        raise NotAuthenticated(None, "wrong username or password")
+    user_id, stored_hash, allowed = row
+    if not cache.verify(user_id, stored_hash, password):
+        raise NotAuthenticated(None, "wrong username or password")
+    if not allowed:
+        raise NotAllowed(None, f"this call needs the permission {permission}")
+    return user_id

@@ -1,0 +1,165 @@
+"""The admin command line, `gateway …` (a Flask CLI group)."""
+import functools
+import sys
+
+import click
+from flask.cli import FlaskGroup, with_appcontext
+
+from . import create_app
+from .db import init_db, schema_exists
+
+
+def _fail_on_value_error(function):
+    """Every command exits non-zero with a one-line reason on bad input."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+def _needs_schema(function):
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if not schema_exists():
+            raise click.ClickException("the database has no schema yet: run 'gateway init-db' first")
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def admin_command(group, name=None, **options):
+    """A command of `group` that runs in the app context, needs the schema and reports ValueErrors."""
+
+    def decorate(function):
+        return group.command(name, **options)(with_appcontext(_needs_schema(_fail_on_value_error(function))))
+
+    return decorate
+
+
+def _read_secret_line():
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
+        raise click.ClickException("no password on standard input (it is read as one line, e.g. piped)")
+    return line
+
+
+user_group = click.Group("user", help="Archive API users and their permissions.")
+project_group = click.Group("project", help="Projects and their members.")
+archive_group = click.Group("archive", help="Archives of a project.")
+
+
+@click.command("init-db")
+@with_appcontext
+def init_db_command():
+    """Create the tables of schema.sql (no change when they exist)."""
+    click.echo("database initialised" if init_db() else "database already initialised")
+
+
+@admin_command(user_group, "create")
+@click.argument("username")
+@click.option("--email", required=True)
+def user_create(username, email):
+    """Create a user; the password is read as one line from standard input."""
+    from .auth.users import create_user
+
+    create_user(username, email, _read_secret_line())
+    click.echo(f"user {username} created")
+
+
+@admin_command(user_group, "set-password")
+@click.argument("username")
+def user_set_password(username):
+    """Change a user's password (one line from standard input)."""
+    from .auth.users import set_password
+
+    set_password(username, _read_secret_line())
+    click.echo(f"password of {username} changed")
+
+
+@admin_command(user_group, "grant")
+@click.argument("username")
+@click.argument("permissions", nargs=-1, required=True)
+def user_grant(username, permissions):
+    """Grant api_* permissions (or 'all')."""
+    from .auth.users import grant
+
+    granted = grant(username, permissions)
+    click.echo(f"{username} now holds {', '.join(granted)}")
+
+
+@admin_command(project_group, "create")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["cad4tb", "retina"]), default="cad4tb", show_default=True)
+def project_create(name, kind):
+    """Create a project."""
+    from .projects import create_project
+
+    create_project(name, kind)
+    click.echo(f"project {name} ({kind}) created")
+
+
+@admin_command(project_group, "add-member")
+@click.argument("project")
+@click.argument("username")
+@click.option("--upload", is_flag=True, help="Also allow uploads to the project (upload_project).")
+def project_add_member(project, username, upload):
+    """Make a user a member of a project."""
+    from .projects import add_member
+
+    add_member(project, username, can_upload=upload)
+    click.echo(f"{username} is a member of {project}{' with upload' if upload else ''}")
+
+
+@admin_command(archive_group, "create")
+@click.argument("project")
+@click.argument("name")
+def archive_create(project, name):
+    """Create an archive in a project."""
+    from .projects import create_archive
+
+    create_archive(project, name)
+    click.echo(f"archive {name} created in {project}")
+
+
+@click.command("demo")
+@with_appcontext
+@_fail_on_value_error
+def demo_command():
+    """Seed the demo data (idempotent)."""
+    from .demo import seed_demo
+
+    init_db()
+    for line in seed_demo():
+        click.echo(line)
+
+
+@click.command("serve")
+@click.option("--bind", default="127.0.0.1:8080", show_default=True)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
+@with_appcontext
+def serve_command(bind, workers):
+    """Serve the gateway with gunicorn."""
+    from flask import current_app
+
+    from .server import serve
+
+    serve(current_app._get_current_object(), bind, workers)
+
+
+def register_commands(app):
+    for command in (init_db_command, user_group, project_group, archive_group, demo_command, serve_command):
+        app.cli.add_command(command)
+
+
+main = FlaskGroup(
+    name="gateway",
+    help="Administer and serve the imaging research gateway.",
+    create_app=lambda: create_app(),
+    add_default_commands=False,
+    load_dotenv=False,
+)

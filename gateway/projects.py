@@ -1,0 +1,83 @@
+"""Projects, their archives and their members."""
+from dataclasses import dataclass
+
+from sqlalchemy import and_, bindparam, delete, insert, select
+
+from .auth.users import user_id_of
+from .db import db, write_transaction
+from .errors import ObjectNotFound
+from .models import PROJECT_KINDS, archives, project_members, projects
+
+
+@dataclass(frozen=True)
+class ArchiveRef:
+    id: int
+    project_kind: str
+    can_upload: bool
+
+
+def create_project(name, kind="cad4tb"):
+    if kind not in PROJECT_KINDS:
+        raise ValueError(f"a project's kind is one of {', '.join(PROJECT_KINDS)}")
+    if not name:
+        raise ValueError("a project needs a name")
+    with write_transaction() as session:
+        if session.execute(select(projects.c.id).where(projects.c.name == name)).first():
+            raise ValueError(f"project {name!r} exists already")
+        session.execute(insert(projects).values(name=name, kind=kind))
+
+
+def _project_id(session, name):
+    project_id = session.execute(select(projects.c.id).where(projects.c.name == name)).scalar()
+    if project_id is None:
+        raise ValueError(f"no project {name!r}")
+    return project_id
+
+
+def create_archive(project_name, name):
+    if not name:
+        raise ValueError("an archive needs a name")
+    with write_transaction() as session:
+        project_id = _project_id(session, project_name)
+        taken = select(archives.c.id).where(archives.c.project_id == project_id, archives.c.name == name)
+        if session.execute(taken).first():
+            raise ValueError(f"archive {name!r} exists already in project {project_name!r}")
+        session.execute(insert(archives).values(project_id=project_id, name=name))
+
+
+def add_member(project_name, username, can_upload=False):
+    with write_transaction() as session:
+        project_id = _project_id(session, project_name)
+        user_id = user_id_of(session, username)
+        session.execute(
+            delete(project_members).where(
+                project_members.c.project_id == project_id, project_members.c.user_id == user_id
+            )
+        )
+        session.execute(insert(project_members).values(project_id=project_id, user_id=user_id, can_upload=can_upload))
+
+
+_MEMBER_ARCHIVE = (
+    select(projects.c.kind, project_members.c.can_upload, archives.c.id)
+    .join(
+        project_members,
+        and_(project_members.c.project_id == projects.c.id, project_members.c.user_id == bindparam("user_id")),
+    )
+    .outerjoin(archives, and_(archives.c.project_id == projects.c.id, archives.c.name == bindparam("archive")))
+    .where(projects.c.name == bindparam("project"))
+)
+
+
+def resolve_archive(user_id, project_name, archive_name):
+    """The archive a member addresses; a project the user is not a member of does not exist for them."""
+    row = (
+        db.session.connection()
+        .execute(_MEMBER_ARCHIVE, {"user_id": user_id, "project": project_name, "archive": archive_name})
+        .first()
+    )
+    if row is None:
+        raise ObjectNotFound("project_not_found", f"project {project_name!r} not found")
+    kind, can_upload, archive_id = row
+    if archive_id is None:
+        raise ObjectNotFound("archive_not_found", f"archive {archive_name!r} not found in project {project_name!r}")
+    return ArchiveRef(id=archive_id, project_kind=kind, can_upload=bool(can_upload))

@@ -1,0 +1,66 @@
+"""Where DICOM files live: a folder whose layout only the gateway decides.
+
+Files are written under `tmp/` first and moved into place by an atomic rename, so a reader never
+sees half a file; keys are generated here, never taken from a client.
+"""
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
+
+_KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.[a-z0-9]{1,8}$")
+
+
+class FileStorage:
+    def __init__(self, root):
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def new_key(self, suffix="dcm"):
+        name = uuid.uuid4().hex
+        return f"{name[:2]}/{name[2:4]}/{name}.{suffix}"
+
+    def path(self, key):
+        if not _KEY.match(key):
+            raise ValueError("not a storage key")
+        return self.root / key
+
+    def temp_file(self):
+        """An open, empty file in the storage's own tmp folder (same file system as its final place)."""
+        return tempfile.NamedTemporaryFile(dir=self.tmp_dir, suffix=".part", delete=False)
+
+    def place(self, handle, key):
+        """Make a finished temp file (open, from temp_file) durable, close it and move it to `key` atomically."""
+        target = self.path(key)
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(handle.name, target)
+
+    def put_bytes(self, data, key):
+        handle = self.temp_file()
+        try:
+            handle.write(data)
+            self.place(handle, key)
+        except BaseException:
+            handle.close()
+            self.discard_temp(handle.name)
+            raise
+
+    def open(self, key):
+        return open(self.path(key), "rb")
+
+    def exists(self, key):
+        return self.path(key).is_file()
+
+    def delete(self, key):
+        self.path(key).unlink(missing_ok=True)
+
+    def discard_temp(self, temp_path):
+        try:
+            os.unlink(temp_path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,158 @@
+"""The archive API v1 blueprint (`/api/v1/…`): a thin layer over gateway.archive."""
+import logging
+
+from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.utils import secure_filename
+
+from .. import archive as archive_store
+from ..auth.users import authenticate
+from ..errors import GatewayError, InvalidValue, NotAllowed
+from ..projects import resolve_archive
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("v1", __name__, url_prefix="/api/v1")
+
+PATIENT = ("PatientID",)
+STUDY = ("PatientID", "StudyInstanceUID")
+SERIES = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _authorised_call(permission, *parameters):
+    """Credentials, then permission, then parameters, then project and archive: the spec's error order."""
+    user_id = authenticate(request.headers.get("X-USERNAME"), request.headers.get("X-PASSWORD"), permission)
+    values = []
+    for name in ("Project", "Archive", *parameters):
+        value = request.values.get(name)
+        if not value:
+            raise InvalidValue("missing_parameter", f"the parameter {name} is required")
+        values.append(value)
+    archive = resolve_archive(user_id, values[0], values[1])
+    return user_id, archive, values[2:]
+
+
+@bp.post("/instance/upload/")
+def upload_instance():
+    _user_id, archive, _ = _authorised_call("api_instance_upload")
+    upload = request.files.get("file")
+    size = 0
+    if upload is not None:
+        upload.stream.seek(0, 2)
+        size = upload.stream.tell()
+    if size == 0:
+        raise InvalidValue("no_data_submitted", "no file was submitted (a multipart field named 'file' is expected)")
+    if not archive.can_upload:
+        raise NotAllowed(None, "uploading to this project needs the upload right (upload_project)")
+    return jsonify(archive_store.store_instance(archive, upload.stream, size, upload.filename))
+
+
+@bp.get("/patient/get/")
+def get_patient():
+    _user_id, archive, params = _authorised_call("api_get_patient", *PATIENT)
+    return jsonify(archive_store.get_patient(archive, *params))
+
+
+@bp.route("/patient/delete/", methods=["GET", "DELETE"])
+def delete_patient():
+    _user_id, archive, params = _authorised_call("api_delete_patient", *PATIENT)
+    archive_store.delete_patient(archive, *params)
+    return jsonify(status="Ok")
+
+
+@bp.get("/study/get/")
+def get_study():
+    _user_id, archive, params = _authorised_call("api_get_study", *STUDY)
+    return jsonify(archive_store.get_study(archive, *params))
+
+
+@bp.get("/patient/studies/list/")
+def list_studies():
+    _user_id, archive, params = _authorised_call("api_list_studies", *PATIENT)
+    return jsonify(archive_store.list_studies(archive, *params))
+
+
+@bp.route("/study/delete/", methods=["GET", "DELETE"])
+def delete_study():
+    _user_id, archive, params = _authorised_call("api_delete_study", *STUDY)
+    archive_store.delete_study(archive, *params)
+    return jsonify(status="Ok")
+
+
+@bp.get("/series/get/")
+def get_series():
+    _user_id, archive, params = _authorised_call("api_get_series", *SERIES)
+    return jsonify(archive_store.get_series(archive, *params))
+
+
+@bp.get("/patient/study/series/list/")
+def list_series():
+    _user_id, archive, params = _authorised_call("api_list_series", *STUDY)
+    return jsonify(archive_store.list_series(archive, *params))
+
+
+@bp.get("/dicom/get/")
+def get_series_dicom():
+    _user_id, archive, params = _authorised_call("api_dicom_get", *SERIES)
+    chunks = archive_store.series_zip(archive, *params)
+    filename = secure_filename(params[-1]) or "series"
+    return Response(
+        chunks, mimetype="application/zip", headers={"Content-Disposition": f'attachment; filename="{filename}.zip"'}
+    )
+
+
+@bp.route("/series/delete/", methods=["GET", "DELETE"])
+def delete_series():
+    _user_id, archive, params = _authorised_call("api_delete_series", *SERIES)
+    archive_store.delete_series(archive, *params)
+    return jsonify(status="Ok")
+
+
+# --- error bodies ----------------------------------------------------------------------------------------
+
+_HTTP_ERRORS = {
+    400: (None, None, "the request could not be read"),
+    404: ("object_not_found", "unknown_call", "there is no such API call"),
+    405: ("method_not_allowed", None, "this call does not accept the {method} method"),
+    413: ("invalid_post_value", "file_too_large", "the upload is larger than the gateway accepts"),
+}
+
+
+def _error_body(status, error_type, suberror_type, message):
+    response = jsonify(error_type=error_type, suberror_type=suberror_type, message=message)
+    response.status_code = status
+    return response
+
+
+def _value_error_type():
+    return "invalid_post_value" if request.method == "POST" else "invalid_get_value"
+
+
+def register_error_handlers(app):
+    """JSON error bodies for everything under /api/v1/, never an HTML page or a stack trace."""
+
+    def in_v1():
+        return request.path.startswith(bp.url_prefix + "/") or request.path == bp.url_prefix
+
+    @app.errorhandler(GatewayError)
+    def gateway_error(error):
+        error_type = error.error_type
+        if error_type == "invalid_value":
+            error_type = _value_error_type()
+        return _error_body(error.status, error_type, error.suberror_type, error.message)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error):
+        if not in_v1():
+            return error
+        error_type, suberror_type, message = _HTTP_ERRORS.get(
+            error.code, ("http_error", None, error.description or error.name)
+        )
+        if error.code == 413:
+            message += f" ({app.config['MAX_UPLOAD_MB']:g} MB)"
+        return _error_body(error.code, error_type or _value_error_type(), suberror_type, message.format(method=request.method))
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error):
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error_body(500, "internal_error", None, "the gateway failed to answer; the error is logged")

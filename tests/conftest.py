@@ -1,0 +1,166 @@
+"""Fixtures: every app-level test runs once on SQLite and once on PostgreSQL.
+
+PostgreSQL comes from GATEWAY_TEST_POSTGRES_URL (default: the local server, user postgres); each test
+run creates its own database there and drops it at the end. Where PostgreSQL cannot be reached its
+half of the suite is skipped with the reason, unless GATEWAY_TEST_REQUIRE_POSTGRES=1 (as in CI),
+which makes that a failure.
+"""
+import io
+import os
+import uuid
+
+import pytest
+import sqlalchemy
+from sqlalchemy import text
+
+from gateway import create_app
+from gateway.auth.users import create_user, grant
+from gateway.db import db, init_db
+from gateway.projects import add_member, create_archive, create_project
+from gateway.synthetic import make_instance
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "GATEWAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REQUIRE_POSTGRES = os.environ.get("GATEWAY_TEST_REQUIRE_POSTGRES") == "1"
+
+PASSWORD = "correct horse battery staple"
+
+
+class PostgresServer:
+    """Creates throwaway databases on the test PostgreSQL server."""
+
+    def __init__(self, admin_url):
+        self.admin_url = sqlalchemy.make_url(admin_url)
+        self.engine = sqlalchemy.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        self.created = []
+
+    def reachable(self):
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return None
+        except Exception as error:  # any reason to be unreachable is reported the same way
+            return f"PostgreSQL at {self.admin_url.render_as_string(hide_password=True)} unreachable: {error}"
+
+    def create_database(self):
+        name = f"gateway_test_{uuid.uuid4().hex[:12]}"
+        with self.engine.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        self.created.append(name)
+        return self.admin_url.set(database=name).render_as_string(hide_password=False)
+
+    def drop_all(self):
+        with self.engine.connect() as connection:
+            for name in self.created:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    server = PostgresServer(POSTGRES_ADMIN_URL)
+    reason = server.reachable()
+    if reason:
+        if REQUIRE_POSTGRES:
+            pytest.fail(reason + " (GATEWAY_TEST_REQUIRE_POSTGRES=1)", pytrace=False)
+        pytest.skip(reason)
+    yield server
+    server.drop_all()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server):
+    """One database for the run; tests empty it between them."""
+    return postgres_server.create_database()
+
+
+def _empty_tables():
+    tables = ", ".join(table.name for table in db.metadata.sorted_tables)
+    db.session.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    db.session.commit()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request):
+    """The store a test runs on: ('sqlite' | 'postgresql', database URL)."""
+    if request.param == "sqlite":
+        path = request.getfixturevalue("tmp_path") / "gateway.sqlite"
+        return "sqlite", f"sqlite:///{path}"
+    return "postgresql", request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def app(store, tmp_path):
+    kind, url = store
+    app = create_app(
+        {
+            "TESTING": True,
+            "DATABASE_URL": url,
+            "STORAGE_DIR": str(tmp_path / "storage"),
+            "MAX_UPLOAD_MB": 4,
+        }
+    )
+    with app.app_context():
+        if not init_db() and kind == "postgresql":
+            _empty_tables()
+    yield app
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def seeded(app):
+    """Two projects with an archive each; alice belongs to 'alpha' (upload right), bob to 'beta'."""
+    with app.app_context():
+        for username in ("alice", "bob", "carol"):
+            create_user(username, f"{username}@example.org", PASSWORD)
+            grant(username, ["all"])
+        create_project("alpha")
+        create_project("beta")
+        create_project("eyes", "retina")
+        for project in ("alpha", "beta", "eyes"):
+            create_archive(project, "main")
+        create_archive("alpha", "second")
+        add_member("alpha", "alice", can_upload=True)
+        add_member("eyes", "alice", can_upload=True)
+        add_member("beta", "bob", can_upload=True)
+        add_member("alpha", "carol", can_upload=False)
+    return app
+
+
+def credentials(username="alice", password=PASSWORD):
+    return {"X-USERNAME": username, "X-PASSWORD": password}
+
+
+class ApiClient:
+    """The Flask test client with the archive API's conventions."""
+
+    def __init__(self, client, username="alice"):
+        self.client = client
+        self.headers = credentials(username)
+
+    def get(self, call, headers=None, **params):
+        return self.client.get(f"/api/v1/{call}", query_string=params, headers=headers or self.headers)
+
+    def upload(self, data, project="alpha", archive="main", filename="image.dcm", headers=None):
+        form = {"Project": project, "Archive": archive, "file": (io.BytesIO(data), filename)}
+        return self.client.post("/api/v1/instance/upload/", data=form, headers=headers or self.headers)
+
+
+@pytest.fixture
+def api(seeded):
+    return ApiClient(seeded.test_client())
+
+
+@pytest.fixture
+def api_for(seeded):
+    return lambda username: ApiClient(seeded.test_client(), username)
+
+
+def instance(number=1, patient="PAT-1", study=1, series=1, **options):
+    """A synthetic instance whose UIDs derive from the numbers given."""
+    study_uid = f"1.2.826.0.1.3680043.8.498.99.{patient[-1]}.{study}"
+    series_uid = f"{study_uid}.{series}"
+    return make_instance(patient, study_uid, series_uid, f"{series_uid}.{number}", **options)
