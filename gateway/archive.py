@@ -357,7 +357,10 @@ def _delete_rows_then_files(table, row_id, instance_filter, not_found):
             raise not_found  # deleted by another client since it was looked up
     files = storage()
     for key in keys:
-        files.delete(key)
+        try:
+            files.delete(key)
+        except OSError:  # the rows are gone; an unreferenced file is harmless, a failed answer is not
+            log.exception("could not remove stored file %s", key)
 
 
 def delete_patient(archive, patient_id):

@@ -57,7 +57,7 @@ def schema_statements(dialect_name):
     lines = [line for line in SCHEMA_PATH.read_text().splitlines() if not line.lstrip().startswith("--")]
     text = "\n".join(lines)
     if dialect_name == "sqlite":
-        text = text.replace(_IDENTITY_KEY, "INTEGER PRIMARY KEY")
+        text = text.replace(_IDENTITY_KEY, "INTEGER NOT NULL PRIMARY KEY")
     return [statement.strip() for statement in text.split(";") if statement.strip()]
 
 

@@ -9,9 +9,9 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    TIMESTAMP,
     Table,
     Text,
-    DateTime,
     UniqueConstraint,
 )
 
@@ -26,7 +26,7 @@ def _id_column():
 
 
 def _fk(name, target):
-    return Column(name, Key, ForeignKey(target, ondelete="CASCADE"), nullable=False)
+    return Column(name, BigInteger, ForeignKey(target, ondelete="CASCADE"), nullable=False)
 
 
 SERIES_STATUSES = ("uploaded", "processing", "processed", "failed")
@@ -39,13 +39,13 @@ users = Table(
     Column("username", String(150), nullable=False, unique=True),
     Column("email", String(254), nullable=False),
     Column("password_hash", String(255), nullable=False),
-    Column("created_at", DateTime, nullable=False),
+    Column("created_at", TIMESTAMP, nullable=False),
 )
 
 user_permissions = Table(
     "user_permissions",
     db.metadata,
-    Column("user_id", Key, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
     Column("permission", String(64), primary_key=True),
 )
 
@@ -61,8 +61,8 @@ projects = Table(
 project_members = Table(
     "project_members",
     db.metadata,
-    Column("project_id", Key, ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),
-    Column("user_id", Key, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("project_id", BigInteger, ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
     Column("can_upload", Boolean, nullable=False),
     Index("ix_project_members_user", "user_id"),
 )
@@ -136,7 +136,7 @@ instances = Table(
     Column("filename", String(255), nullable=False),
     Column("storage_key", String(255), nullable=False, unique=True),
     Column("size_bytes", BigInteger, nullable=False),
-    Column("created_at", DateTime, nullable=False),
+    Column("created_at", TIMESTAMP, nullable=False),
     UniqueConstraint("archive_id", "sop_instance_uid"),
     Index("ix_instances_series", "series_pk"),
 )

@@ -49,7 +49,7 @@ def make_instance(
     dataset.StudyDescription = study_description
     dataset.ReferringPhysicianName = "Referrer^Demo"
     dataset.InstitutionName = "Demo Hospital"
-    dataset.AccessionNumber = "ACC" + patient_id[-6:]
+    dataset.AccessionNumber = ("ACC-" + patient_id)[:16]
     dataset.SeriesInstanceUID = series_uid
     dataset.SeriesDate = study_date
     dataset.SeriesTime = study_time
