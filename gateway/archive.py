@@ -5,8 +5,8 @@ UIDs in two archives are two different objects.
 """
 import datetime
 import filecmp
+import functools
 import logging
-import zipfile
 
 from flask import current_app
 from sqlalchemy import and_, bindparam, delete, insert, select
@@ -17,11 +17,10 @@ from werkzeug.utils import secure_filename
 from .db import db, write_transaction
 from .dicom_ingest import read_instance
 from .errors import Conflict, ObjectNotFound
-from .models import instances, patients, series, studies
+from .models import instances, patients, series, series_results, studies
+from .zipstream import ZipEntry, zip_stream
 
 log = logging.getLogger(__name__)
-
-ZIP_CHUNK_BYTES = 1 << 20
 
 
 def storage():
@@ -251,7 +250,7 @@ def _find_study(archive, patient_id, study_uid):
     return row
 
 
-def _find_series(archive, patient_id, study_uid, series_uid):
+def find_series(archive, patient_id, study_uid, series_uid):
     row = _first(_SERIES, archive_id=archive.id, patient_id=patient_id, study_uid=study_uid, series_uid=series_uid)
     if row is None:
         raise _series_not_found(patient_id, study_uid, series_uid)
@@ -279,33 +278,10 @@ def list_series(archive, patient_id, study_uid):
 
 
 def get_series(archive, patient_id, study_uid, series_uid):
-    return _series_json(_find_series(archive, patient_id, study_uid, series_uid))
+    return _series_json(find_series(archive, patient_id, study_uid, series_uid))
 
 
 # --- series download ----------------------------------------------------------------------------------
-
-
-class _ChunkSink:
-    """A write-only, non-seekable stream that collects what zipfile writes until it is drained."""
-
-    def __init__(self):
-        self._chunks = []
-        self._position = 0
-
-    def write(self, data):
-        self._chunks.append(bytes(data))
-        self._position += len(data)
-        return len(data)
-
-    def tell(self):
-        return self._position
-
-    def flush(self):
-        pass
-
-    def drain(self):
-        chunks, self._chunks = self._chunks, []
-        return b"".join(chunks)
 
 
 def series_zip(archive, patient_id, study_uid, series_uid):
@@ -314,7 +290,7 @@ def series_zip(archive, patient_id, study_uid, series_uid):
     The rows are read before the first byte is produced, so a missing series is an error, not a
     broken download; the files are read chunk by chunk while the zip is sent.
     """
-    series_row = _find_series(archive, patient_id, study_uid, series_uid)
+    series_row = find_series(archive, patient_id, study_uid, series_uid)
     members = db.session.execute(
         select(instances.c.sop_instance_uid, instances.c.storage_key, instances.c.size_bytes, instances.c.created_at)
         .where(instances.c.series_pk == series_row.id)
@@ -325,36 +301,42 @@ def series_zip(archive, patient_id, study_uid, series_uid):
         if members:
             log.error("series %s has instances whose files are missing", series_row.id)
         raise ObjectNotFound("no_dicom_available", f"no DICOM files are available for series {series_uid!r}")
-    return _zip_stream(files, members)
-
-
-def _zip_stream(files, members):
-    sink = _ChunkSink()
-    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive_zip:
-        for member in members:
-            info = zipfile.ZipInfo(f"{member.sop_instance_uid}.dcm", date_time=member.created_at.timetuple()[:6])
-            info.file_size = member.size_bytes
-            with files.open(member.storage_key) as source, archive_zip.open(info, mode="w") as target:
-                while chunk := source.read(ZIP_CHUNK_BYTES):
-                    target.write(chunk)
-                    yield sink.drain()
-            yield sink.drain()  # the entry's data descriptor
-    yield sink.drain()  # the central directory
+    return zip_stream(
+        ZipEntry(
+            name=f"{member.sop_instance_uid}.dcm",
+            date_time=member.created_at.timetuple()[:6],
+            size=member.size_bytes,
+            open=functools.partial(files.open, member.storage_key),
+        )
+        for member in members
+    )
 
 
 # --- deletes ------------------------------------------------------------------------------------------
 
 
-def _delete_rows_then_files(table, row_id, instance_filter, not_found):
-    """Delete a row (the schema cascades to everything below it), then its files.
+def _delete_rows_then_files(table, row_id, series_ids, not_found):
+    """Delete a row (the schema cascades to everything below it), then the files of the series below it.
 
     The rows go first: a crash between the two steps leaves unreferenced files, never a row whose
     file is missing.
     """
     with write_transaction() as session:
-        keys = session.execute(select(instances.c.storage_key).where(instance_filter)).scalars().all()
+        keys = session.execute(
+            select(instances.c.storage_key)
+            .where(instances.c.series_pk.in_(series_ids))
+            .union_all(
+                select(series_results.c.storage_key).where(
+                    series_results.c.series_pk.in_(series_ids), series_results.c.storage_key.is_not(None)
+                )
+            )
+        ).scalars().all()
         if session.execute(delete(table).where(table.c.id == row_id)).rowcount != 1:
             raise not_found  # deleted by another client since it was looked up
+    remove_files(keys)
+
+
+def remove_files(keys):
     files = storage()
     for key in keys:
         try:
@@ -365,20 +347,20 @@ def _delete_rows_then_files(table, row_id, instance_filter, not_found):
 
 def delete_patient(archive, patient_id):
     patient = _find_patient(archive, patient_id)
-    in_patient = instances.c.series_pk.in_(
+    series_ids = (
         select(series.c.id).join(studies, studies.c.id == series.c.study_pk).where(studies.c.patient_pk == patient.id)
     )
-    _delete_rows_then_files(patients, patient.id, in_patient, _patient_not_found(patient_id))
+    _delete_rows_then_files(patients, patient.id, series_ids, _patient_not_found(patient_id))
 
 
 def delete_study(archive, patient_id, study_uid):
     study = _find_study(archive, patient_id, study_uid)
-    in_study = instances.c.series_pk.in_(select(series.c.id).where(series.c.study_pk == study.id))
-    _delete_rows_then_files(studies, study.id, in_study, _study_not_found(patient_id, study_uid))
+    series_ids = select(series.c.id).where(series.c.study_pk == study.id)
+    _delete_rows_then_files(studies, study.id, series_ids, _study_not_found(patient_id, study_uid))
 
 
 def delete_series(archive, patient_id, study_uid, series_uid):
-    series_row = _find_series(archive, patient_id, study_uid, series_uid)
+    series_row = find_series(archive, patient_id, study_uid, series_uid)
     _delete_rows_then_files(
-        series, series_row.id, instances.c.series_pk == series_row.id, _series_not_found(patient_id, study_uid, series_uid)
+        series, series_row.id, [series_row.id], _series_not_found(patient_id, study_uid, series_uid)
     )

@@ -1,5 +1,7 @@
 """The admin command line, `gateway …` (a Flask CLI group)."""
 import functools
+import json
+import os
 import sys
 
 import click
@@ -7,6 +9,7 @@ from flask.cli import FlaskGroup, with_appcontext
 
 from . import create_app
 from .db import init_db, schema_exists
+from .errors import GatewayError
 
 
 def _fail_on_value_error(function):
@@ -15,7 +18,7 @@ def _fail_on_value_error(function):
     def wrapper(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except ValueError as error:
+        except (ValueError, GatewayError) as error:
             raise click.ClickException(str(error)) from None
 
     return wrapper
@@ -51,6 +54,16 @@ def _read_secret_line():
 user_group = click.Group("user", help="Archive API users and their permissions.")
 project_group = click.Group("project", help="Projects and their members.")
 archive_group = click.Group("archive", help="Archives of a project.")
+results_group = click.Group("results", help="Algorithm results of a series.")
+series_group = click.Group("series", help="Series status, for algorithm runners.")
+form_group = click.Group("form", help="Reporting forms of a project.")
+SERIES_ARGUMENTS = ("project", "archive", "patient_id", "study_uid", "series_uid")
+
+
+def series_arguments(function):
+    for name in reversed(SERIES_ARGUMENTS):
+        function = click.argument(name)(function)
+    return function
 
 
 @click.command("init-db")
@@ -126,6 +139,58 @@ def archive_create(project, name):
     click.echo(f"archive {name} created in {project}")
 
 
+@admin_command(results_group, "add")
+@series_arguments
+@click.option("--type", "result_type", required=True, type=click.Choice(["cad4tb", "retina"]))
+@click.option("--name", required=True)
+@click.option("--algorithm", required=True)
+@click.option("--value", help="A scalar: an integer literal is stored as an int, a decimal as a float, else a string.")
+@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False), help="A result file (PNG, PDF, …).")
+def results_add(project, archive, patient_id, study_uid, series_uid, result_type, name, algorithm, value, path):
+    """Store (or replace) a result of a series."""
+    from . import results
+    from .archive import storage
+    from .projects import archive_by_name
+
+    if (value is None) == (path is None):
+        raise click.ClickException("give either --value or --file")
+    target = archive_by_name(project, archive)
+    series_keys = (patient_id, study_uid, series_uid)
+    if path is None:
+        answer = results.add_result(target, *series_keys, result_type, name, algorithm, value=value)
+    else:
+        with open(path, "rb") as source, storage().spooled(source) as (handle, size):
+            upload = (handle, os.path.basename(path), size)
+            answer = results.add_result(target, *series_keys, result_type, name, algorithm, upload=upload)
+    click.echo(json.dumps(answer))
+
+
+@admin_command(series_group, "status")
+@series_arguments
+@click.argument("status", type=click.Choice(["uploaded", "processing", "processed", "failed"]))
+@click.option("--message", help="The status message (e.g. why processing failed).")
+def series_status(project, archive, patient_id, study_uid, series_uid, status, message):
+    """Set a series' status and status message."""
+    from .projects import archive_by_name
+    from .results import set_series_status
+
+    set_series_status(archive_by_name(project, archive), patient_id, study_uid, series_uid, status, message)
+    click.echo(f"series {series_uid} is {status}")
+
+
+@admin_command(form_group, "create")
+@click.argument("project")
+@click.argument("name")
+@click.option("--schema", "schema_path", required=True, type=click.Path(exists=True, dir_okay=False))
+def form_create(project, name, schema_path):
+    """Create a reporting form from a JSON definition {"fields": [{name, label, type, required, choices}]}."""
+    from .forms import create_form
+
+    with open(schema_path, encoding="utf-8") as source:
+        definition = create_form(project, name, source.read())
+    click.echo(f"form {name} created in {project} with {len(definition['fields'])} fields")
+
+
 @click.command("demo")
 @with_appcontext
 @_fail_on_value_error
@@ -152,7 +217,17 @@ def serve_command(bind, workers):
 
 
 def register_commands(app):
-    for command in (init_db_command, user_group, project_group, archive_group, demo_command, serve_command):
+    for command in (
+        init_db_command,
+        user_group,
+        project_group,
+        archive_group,
+        results_group,
+        series_group,
+        form_group,
+        demo_command,
+        serve_command,
+    ):
         app.cli.add_command(command)
 
 

@@ -43,3 +43,8 @@ class Conflict(GatewayError):
 class TooLarge(GatewayError):
     status = 413
     error_type = "invalid_value"
+
+
+class MultipleObjectsFound(GatewayError):
+    status = 409
+    error_type = "multiple_objects_found"

@@ -5,13 +5,14 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     Date,
+    DOUBLE_PRECISION,
     ForeignKey,
     Index,
     Integer,
     String,
-    TIMESTAMP,
     Table,
     Text,
+    TIMESTAMP,
     UniqueConstraint,
 )
 
@@ -139,4 +140,50 @@ instances = Table(
     Column("created_at", TIMESTAMP, nullable=False),
     UniqueConstraint("archive_id", "sop_instance_uid"),
     Index("ix_instances_series", "series_pk"),
+)
+
+RESULT_KINDS = ("int", "float", "string", "file")
+
+series_results = Table(
+    "series_results",
+    db.metadata,
+    _id_column(),
+    _fk("series_pk", "series.id"),
+    Column("result_type", String(16), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("algorithm", String(200), nullable=False),
+    Column("value_kind", String(8), nullable=False),
+    Column("int_value", BigInteger),
+    Column("float_value", DOUBLE_PRECISION),
+    Column("string_value", Text),
+    Column("storage_key", String(255)),
+    Column("filename", String(255)),
+    Column("size_bytes", BigInteger),
+    Column("created_at", TIMESTAMP, nullable=False),
+    CheckConstraint("result_type IN ('cad4tb', 'retina')"),
+    CheckConstraint("value_kind IN ('int', 'float', 'string', 'file')"),
+    UniqueConstraint("series_pk", "name"),
+    UniqueConstraint("storage_key"),
+)
+
+forms = Table(
+    "forms",
+    db.metadata,
+    _id_column(),
+    _fk("project_id", "projects.id"),
+    Column("name", String(200), nullable=False),
+    Column("definition", Text, nullable=False),
+    UniqueConstraint("project_id", "name"),
+)
+
+form_submissions = Table(
+    "form_submissions",
+    db.metadata,
+    _id_column(),
+    _fk("form_id", "forms.id"),
+    _fk("series_pk", "series.id"),
+    _fk("user_id", "users.id"),
+    Column("entry", Text, nullable=False),
+    Column("created_at", TIMESTAMP, nullable=False),
+    Index("ix_form_submissions_series", "series_pk"),
 )

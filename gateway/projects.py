@@ -12,6 +12,7 @@ from .models import PROJECT_KINDS, archives, project_members, projects
 @dataclass(frozen=True)
 class ArchiveRef:
     id: int
+    project_id: int
     project_kind: str
     can_upload: bool
 
@@ -58,7 +59,7 @@ def add_member(project_name, username, can_upload=False):
 
 
 _MEMBER_ARCHIVE = (
-    select(projects.c.kind, project_members.c.can_upload, archives.c.id)
+    select(projects.c.id, projects.c.kind, project_members.c.can_upload, archives.c.id.label("archive_id"))
     .join(
         project_members,
         and_(project_members.c.project_id == projects.c.id, project_members.c.user_id == bindparam("user_id")),
@@ -77,7 +78,18 @@ def resolve_archive(user_id, project_name, archive_name):
     )
     if row is None:
         raise ObjectNotFound("project_not_found", f"project {project_name!r} not found")
-    kind, can_upload, archive_id = row
-    if archive_id is None:
+    if row.archive_id is None:
         raise ObjectNotFound("archive_not_found", f"archive {archive_name!r} not found in project {project_name!r}")
-    return ArchiveRef(id=archive_id, project_kind=kind, can_upload=bool(can_upload))
+    return ArchiveRef(id=row.archive_id, project_id=row.id, project_kind=row.kind, can_upload=bool(row.can_upload))
+
+
+def archive_by_name(project_name, archive_name):
+    """An archive as the admin command line addresses it (no user, so no membership); ValueError if absent."""
+    row = db.session.execute(
+        select(projects.c.id, projects.c.kind, archives.c.id.label("archive_id"))
+        .join(archives, archives.c.project_id == projects.c.id)
+        .where(projects.c.name == project_name, archives.c.name == archive_name)
+    ).first()
+    if row is None:
+        raise ValueError(f"no archive {archive_name!r} in a project {project_name!r}")
+    return ArchiveRef(id=row.archive_id, project_id=row.id, project_kind=row.kind, can_upload=True)

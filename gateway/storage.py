@@ -5,8 +5,10 @@ sees half a file; keys are generated here, never taken from a client.
 """
 import os
 import re
+import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.[a-z0-9]{1,8}$")
@@ -49,6 +51,19 @@ class FileStorage:
             handle.close()
             self.discard_temp(handle.name)
             raise
+
+    @contextmanager
+    def spooled(self, source):
+        """A temp file holding a copy of the binary stream `source`: (open handle, size); removed on exit
+        unless place() moved it."""
+        handle = self.temp_file()
+        try:
+            shutil.copyfileobj(source, handle)
+            handle.flush()
+            yield handle, handle.tell()
+        finally:
+            handle.close()
+            self.discard_temp(handle.name)
 
     def open(self, key):
         return open(self.path(key), "rb")

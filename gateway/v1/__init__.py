@@ -6,6 +6,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.utils import secure_filename
 
 from .. import archive as archive_store
+from .. import forms, results
 from ..auth.users import authenticate
 from ..errors import GatewayError, InvalidValue, NotAllowed
 from ..projects import resolve_archive
@@ -106,6 +107,39 @@ def delete_series():
     _user_id, archive, params = _authorised_call("api_delete_series", *SERIES)
     archive_store.delete_series(archive, *params)
     return jsonify(status="Ok")
+
+
+@bp.post("/series/results/add/")
+def add_series_result():
+    _user_id, archive, params = _authorised_call("api_add_series_results", *SERIES, "Type", "Name", "Algorithm")
+    upload = request.files.get("file")
+    file_part = None
+    if upload is not None:
+        upload.stream.seek(0, 2)
+        file_part = (upload.stream, upload.filename, upload.stream.tell())
+    value = request.form.get("Value")
+    return jsonify(results.add_result(archive, *params, value=value, upload=file_part))
+
+
+@bp.get("/series/results/")
+def get_series_results():
+    _user_id, archive, params = _authorised_call("api_series_results", *SERIES, "Type", "Results")
+    kind, answer = results.get_results(archive, *params)
+    if kind == "json":
+        return jsonify(answer)
+    return Response(answer, mimetype="application/zip", headers={"Content-Disposition": 'attachment; filename="results.zip"'})
+
+
+@bp.get("/patient/study/series/forms/list/")
+def list_form_submissions():
+    _user_id, archive, params = _authorised_call("api_list_forms", *SERIES)
+    return jsonify(forms.list_submissions(archive, *params))
+
+
+@bp.post("/patient/study/series/forms/add/")
+def add_form_submission():
+    user_id, archive, params = _authorised_call("api_add_form_submission", *SERIES, "FormName", "FormSubmission")
+    return jsonify(forms.add_submission(archive, user_id, *params))
 
 
 # --- error bodies ----------------------------------------------------------------------------------------

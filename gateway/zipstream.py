@@ -1,0 +1,56 @@
+"""Zip files written while they are sent: stored (not deflated) entries, read chunk by chunk."""
+import zipfile
+from dataclasses import dataclass
+from typing import Callable
+
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    name: str
+    date_time: tuple
+    size: int
+    open: Callable  # returns a binary file object to read the entry's bytes from
+
+
+class _ChunkSink:
+    """A write-only, non-seekable stream that collects what zipfile writes until it is drained."""
+
+    def __init__(self):
+        self._chunks = []
+        self._position = 0
+
+    def write(self, data):
+        self._chunks.append(bytes(data))
+        self._position += len(data)
+        return len(data)
+
+    def tell(self):
+        return self._position
+
+    def flush(self):
+        pass
+
+    def drain(self):
+        chunks, self._chunks = self._chunks, []
+        return b"".join(chunks)
+
+
+def zip_stream(entries):
+    """A generator of the bytes of a zip of `entries`; at most one chunk of one entry is in memory.
+
+    zipfile writes a data descriptor after each entry when its stream cannot seek, so nothing has
+    to be known (CRCs) before the first byte is sent.
+    """
+    sink = _ChunkSink()
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for entry in entries:
+            info = zipfile.ZipInfo(entry.name, date_time=entry.date_time)
+            info.file_size = entry.size
+            with entry.open() as source, archive.open(info, mode="w") as target:
+                while chunk := source.read(CHUNK_BYTES):
+                    target.write(chunk)
+                    yield sink.drain()
+            yield sink.drain()  # the entry's data descriptor
+    yield sink.drain()  # the central directory
