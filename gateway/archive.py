@@ -118,8 +118,8 @@ def store_instance(archive, handle, size, filename):
             if existing.storage_key != key:  # another client stored this instance a moment ago
                 _check_same_instance(existing, handle, size, tags)
                 return answer
+            placed = True  # from here on a failure must remove the file, wherever place() stopped
             files.place(handle, key)
-            placed = True
     except BaseException:
         if placed:
             files.delete(key)  # its row was rolled back

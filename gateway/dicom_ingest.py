@@ -74,7 +74,8 @@ def _check_complete(handle, dataset, size):
     end = handle.tell()
     for element in data_element_generator(handle, is_implicit_vr, is_little_endian, defer_size=0):
         end = handle.tell()
-        if element.length != _UNDEFINED_LENGTH and end > size:
+        # an undefined-length sequence comes back parsed (a DataElement, without .length)
+        if getattr(element, "length", _UNDEFINED_LENGTH) != _UNDEFINED_LENGTH and end > size:
             raise InvalidDicom("the file ends inside a data element (truncated)")
     if end != size:
         raise InvalidDicom("the file ends inside a data element (truncated)")
@@ -91,6 +92,9 @@ def _text(dataset, keyword, limit):
 
 
 def _uid(dataset, keyword):
+    raw = dataset.get(keyword)
+    if raw is not None and "\x00" in str(raw).rstrip("\x00 "):
+        raise InvalidDicom(f"{keyword} holds a NUL character")
     value = _text(dataset, keyword, 1000)
     if value is None:
         raise InvalidDicom(f"the file has no {keyword}")

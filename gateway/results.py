@@ -117,8 +117,8 @@ def _replace_result(series_pk, name, row, handle):
                 update(series).where(series.c.id == series_pk).values(status="processed", status_message=None)
             )
             if handle is not None:
+                placed = True  # from here on a failure must remove the file, wherever place() stopped
                 files.place(handle, row["storage_key"])
-                placed = True
     except BaseException:
         if placed:
             files.delete(row["storage_key"])

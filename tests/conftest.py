@@ -134,6 +134,16 @@ def credentials(username="alice", password=PASSWORD):
     return {"X-USERNAME": username, "X-PASSWORD": password}
 
 
+def assert_error(response, status, error_type, suberror_type):
+    """The archive API's error body: JSON with exactly error_type, suberror_type and a message."""
+    body = response.get_json()
+    assert response.status_code == status, body
+    assert response.mimetype == "application/json", response.get_data(as_text=True)
+    assert set(body) == {"error_type", "suberror_type", "message"}
+    assert (body["error_type"], body["suberror_type"]) == (error_type, suberror_type)
+    assert isinstance(body["message"], str) and body["message"]
+
+
 class ApiClient:
     """The Flask test client with the archive API's conventions."""
 

@@ -5,7 +5,8 @@ import pytest
 
 from gateway.forms import create_form, parse_definition
 from tests.conftest import instance
-from tests.test_v1_calls import SERIES_PARAMS, assert_error
+from tests.conftest import assert_error
+from tests.test_v1_calls import SERIES_PARAMS
 
 DEFINITION = {
     "fields": [

@@ -7,7 +7,8 @@ import pytest
 
 from gateway.results import typed_value
 from tests.conftest import credentials, instance
-from tests.test_v1_calls import ALPHA, PATIENT, SERIES, SERIES_PARAMS, STUDY, assert_error
+from tests.conftest import assert_error
+from tests.test_v1_calls import PATIENT, SERIES, SERIES_PARAMS, STUDY
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"not really an image, but bytes to round-trip" * 10
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 4
