@@ -7,9 +7,16 @@ which makes that a failure.
 """
 import io
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
+import requests
 import sqlalchemy
 from sqlalchemy import text
 
@@ -174,3 +181,55 @@ def instance(number=1, patient="PAT-1", study=1, series=1, **options):
     study_uid = f"1.2.826.0.1.3680043.8.498.99.{patient[-1]}.{study}"
     series_uid = f"{study_uid}.{series}"
     return make_instance(patient, study_uid, series_uid, f"{series_uid}.{number}", **options)
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def gunicorn(tmp_path):
+    """Starts `gunicorn wsgi:app` (2 workers × 4 threads) on the store of an app; returns (base URL, log path)."""
+    processes = []
+
+    def start(app, extra_env=None):
+        executable = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
+        assert executable, "gunicorn is not installed beside the test interpreter"
+        # Only the settings under test: the caller's GATEWAY_* variables must not change the server.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
+        env.update(GATEWAY_DATABASE_URL=app.config["DATABASE_URL"], GATEWAY_STORAGE_DIR=app.config["STORAGE_DIR"])
+        env.update(extra_env or {})
+        with app.app_context():
+            db.engine.dispose()  # the server's processes must not inherit pooled connections
+        port = _free_port()
+        log_path = tmp_path / f"gunicorn-{port}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [executable, "-w", "2", "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{port}", "wsgi:app"],
+                cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        processes.append(process)
+        base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.poll() is None, f"gunicorn exited:\n{log_path.read_text()}"
+            try:
+                requests.get(f"{base_url}/api/v1/", timeout=5)
+                return base_url, log_path
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or workers still booting
+                assert time.monotonic() < deadline, f"gunicorn did not answer in 15 s:\n{log_path.read_text()}"
+                time.sleep(0.1)
+
+    yield start
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
