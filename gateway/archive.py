@@ -69,6 +69,7 @@ def store_instance(archive, handle, size, filename):
         "SOPInstanceUID": tags.sop_uid,
     }
     files = storage()
+    files.make_durable(handle)  # the slow part of placing a file, done before taking the write lock
     key = files.new_key()
     placed = False
     try:
@@ -136,7 +137,6 @@ def _existing_instance(session, archive, tags):
 
 
 def _check_same_instance(existing, handle, size, tags):
-    handle.flush()
     same = (
         existing.series_instance_uid == tags.series_uid
         and existing.size_bytes == size

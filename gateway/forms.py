@@ -8,7 +8,8 @@ from sqlalchemy import func, insert, select
 from .archive import find_series
 from .db import db, write_transaction
 from .errors import InvalidValue, MultipleObjectsFound, ObjectNotFound
-from .models import form_submissions, forms, projects, series, users
+from .models import form_submissions, forms, series, users
+from .projects import project_id_of
 
 FIELD_TYPES = ("string", "integer", "number", "boolean", "date", "choice")
 _DEFINITION_KEYS = {"name", "label", "type", "required", "choices"}
@@ -91,9 +92,7 @@ def create_form(project_name, name, definition_text):
     if not name:
         raise ValueError("a form needs a name")
     with write_transaction() as session:
-        project_id = session.execute(select(projects.c.id).where(projects.c.name == project_name)).scalar()
-        if project_id is None:
-            raise ValueError(f"no project {project_name!r}")
+        project_id = project_id_of(session, project_name)
         taken = select(forms.c.id).where(forms.c.project_id == project_id, forms.c.name == name)
         if session.execute(taken).first():
             raise ValueError(f"form {name!r} exists already in project {project_name!r}")

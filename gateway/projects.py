@@ -28,7 +28,7 @@ def create_project(name, kind="cad4tb"):
         session.execute(insert(projects).values(name=name, kind=kind))
 
 
-def _project_id(session, name):
+def project_id_of(session, name):
     project_id = session.execute(select(projects.c.id).where(projects.c.name == name)).scalar()
     if project_id is None:
         raise ValueError(f"no project {name!r}")
@@ -39,7 +39,7 @@ def create_archive(project_name, name):
     if not name:
         raise ValueError("an archive needs a name")
     with write_transaction() as session:
-        project_id = _project_id(session, project_name)
+        project_id = project_id_of(session, project_name)
         taken = select(archives.c.id).where(archives.c.project_id == project_id, archives.c.name == name)
         if session.execute(taken).first():
             raise ValueError(f"archive {name!r} exists already in project {project_name!r}")
@@ -48,7 +48,7 @@ def create_archive(project_name, name):
 
 def add_member(project_name, username, can_upload=False):
     with write_transaction() as session:
-        project_id = _project_id(session, project_name)
+        project_id = project_id_of(session, project_name)
         user_id = user_id_of(session, username)
         session.execute(
             delete(project_members).where(

@@ -83,6 +83,7 @@ def add_result(archive, patient_id, study_uid, series_uid, result_type, name, al
         handle, filename, size = upload
         if size == 0:
             raise InvalidValue("no_data_submitted", "the result file is empty")
+        storage().make_durable(handle)  # before the transaction, which holds SQLite's write lock
         row.update(
             value_kind="file",
             storage_key=storage().new_key("bin"),

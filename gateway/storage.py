@@ -33,12 +33,17 @@ class FileStorage:
         """An open, empty file in the storage's own tmp folder (same file system as its final place)."""
         return tempfile.NamedTemporaryFile(dir=self.tmp_dir, suffix=".part", delete=False)
 
+    def make_durable(self, handle):
+        """Flush a finished temp file (from temp_file) to disk and close it; its name stays readable."""
+        if not handle.closed:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+
     def place(self, handle, key):
-        """Make a finished temp file (open, from temp_file) durable, close it and move it to `key` atomically."""
+        """Move a finished temp file to `key` atomically (made durable first, if the caller has not yet)."""
+        self.make_durable(handle)
         target = self.path(key)
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(handle.name, target)
 
