@@ -2,23 +2,12 @@
 import os
 
 from flask import Flask
-from flask.wrappers import Request
 
 from .auth import CredentialCache
 from .config import load_config
 from .db import configure_engine, db
 from .storage import FileStorage
-
-
-class GatewayRequest(Request):
-    """Spools uploaded files into the storage's tmp folder, so storing one is a rename, not a copy."""
-
-    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        from flask import current_app
-
-        handle = current_app.extensions["gateway.storage"].temp_file()
-        self.environ.setdefault("gateway.temp_files", []).append(handle)
-        return handle
+from .uploads import GatewayRequest
 
 
 def create_app(test_config=None):

@@ -1,6 +1,6 @@
 """The archive's domain logic: storing uploaded instances, browsing, streaming a series, deleting.
 
-Every function works inside one archive (an ArchiveRef from projects.resolve_archive); the same
+Every function works inside one archive (a projects.ArchiveRef); the same
 UIDs in two archives are two different objects.
 """
 import datetime
@@ -9,7 +9,7 @@ import functools
 import logging
 
 from flask import current_app
-from sqlalchemy import and_, bindparam, delete, insert, select
+from sqlalchemy import and_, bindparam, delete, literal, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from werkzeug.utils import secure_filename
@@ -52,6 +52,42 @@ def _get_or_create(session, table, key_columns, values):
     return row
 
 
+# What an upload needs to know, in one statement: which of its patient, study, series and instance
+# exist already, and what they are tied to.
+_instance_of = series.alias("instance_series")
+_UPLOAD_LOOKUP = (
+    select(
+        patients.c.id.label("patient_pk"),
+        studies.c.id.label("study_pk"),
+        studies.c.patient_pk.label("study_patient_pk"),
+        series.c.id.label("series_pk"),
+        series.c.study_pk.label("series_study_pk"),
+        instances.c.storage_key,
+        instances.c.size_bytes,
+        _instance_of.c.series_instance_uid.label("instance_series_uid"),
+    )
+    .select_from(select(literal(1).label("anchor")).subquery())
+    .outerjoin(
+        patients, and_(patients.c.archive_id == bindparam("archive_id"), patients.c.patient_id == bindparam("patient_id"))
+    )
+    .outerjoin(
+        studies, and_(studies.c.archive_id == bindparam("archive_id"), studies.c.study_instance_uid == bindparam("study_uid"))
+    )
+    .outerjoin(
+        series, and_(series.c.archive_id == bindparam("archive_id"), series.c.series_instance_uid == bindparam("series_uid"))
+    )
+    .outerjoin(
+        instances,
+        and_(instances.c.archive_id == bindparam("archive_id"), instances.c.sop_instance_uid == bindparam("sop_uid")),
+    )
+    .outerjoin(_instance_of, _instance_of.c.id == instances.c.series_pk)
+)
+_INSERT_INSTANCE = {
+    dialect: insert_for_dialect(instances).on_conflict_do_nothing().returning(instances.c.id)
+    for dialect, insert_for_dialect in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
+}
+
+
 def store_instance(archive, handle, size, filename):
     """Store the uploaded file open in `handle` (a storage temp file) and return its four identifiers.
 
@@ -69,55 +105,42 @@ def store_instance(archive, handle, size, filename):
         "SOPInstanceUID": tags.sop_uid,
     }
     files = storage()
-    files.make_durable(handle)  # the slow part of placing a file, done before taking the write lock
     key = files.new_key()
+    files.prepare(handle, key)  # fsync and folders: the slow part of placing a file, before the write lock
+    lookup = {
+        "archive_id": archive.id,
+        "patient_id": tags.patient_id,
+        "study_uid": tags.study_uid,
+        "series_uid": tags.series_uid,
+        "sop_uid": tags.sop_uid,
+    }
     placed = False
     try:
         with write_transaction() as session:
-            existing = _existing_instance(session, archive, tags)
-            if existing is not None:
-                _check_same_instance(existing, handle, size, tags)
+            connection = session.connection()
+            known = connection.execute(_UPLOAD_LOOKUP, lookup).one()
+            if known.storage_key is not None:
+                _check_same_instance(known, handle, size, tags)
                 return answer
-            patient = _get_or_create(
-                session, patients, ("archive_id", "patient_id"), {"archive_id": archive.id, **tags.patient}
-            )
-            study = _get_or_create(
-                session,
-                studies,
-                ("archive_id", "study_instance_uid"),
-                {"archive_id": archive.id, "patient_pk": patient.id, **tags.study},
-            )
-            if study.patient_pk != patient.id:
-                raise Conflict(
-                    "conflicting_instance",
-                    f"study {tags.study_uid} belongs to another patient than {tags.patient_id}",
-                )
-            series_row = _get_or_create(
-                session,
-                series,
-                ("archive_id", "series_instance_uid"),
-                {"archive_id": archive.id, "study_pk": study.id, "status": "uploaded", **tags.series},
-            )
-            if series_row.study_pk != study.id:
-                raise Conflict(
-                    "conflicting_instance", f"series {tags.series_uid} belongs to another study than {tags.study_uid}"
-                )
-            _insert_ignoring_conflict(
-                session,
-                instances,
+            series_pk = known.series_pk
+            if series_pk is None or known.study_pk is None or known.patient_pk is None:
+                series_pk = _create_parents(session, archive, tags)
+            elif known.study_patient_pk != known.patient_pk or known.series_study_pk != known.study_pk:
+                _refuse_other_parents(tags, known.study_patient_pk != known.patient_pk)
+            inserted = connection.execute(
+                _INSERT_INSTANCE[connection.dialect.name],
                 {
                     "archive_id": archive.id,
-                    "series_pk": series_row.id,
+                    "series_pk": series_pk,
                     "filename": clean_filename(filename, f"{tags.sop_uid}.dcm"),
                     "storage_key": key,
                     "size_bytes": size,
                     "created_at": datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
                     **tags.instance,
                 },
-            )
-            existing = _existing_instance(session, archive, tags)
-            if existing.storage_key != key:  # another client stored this instance a moment ago
-                _check_same_instance(existing, handle, size, tags)
+            ).first()
+            if inserted is None:  # another client stored this instance a moment ago
+                _check_same_instance(connection.execute(_UPLOAD_LOOKUP, lookup).one(), handle, size, tags)
                 return answer
             placed = True  # from here on a failure must remove the file, wherever place() stopped
             files.place(handle, key)
@@ -128,17 +151,41 @@ def store_instance(archive, handle, size, filename):
     return answer
 
 
-def _existing_instance(session, archive, tags):
-    return session.execute(
-        select(instances.c.storage_key, instances.c.size_bytes, series.c.series_instance_uid)
-        .join(series, series.c.id == instances.c.series_pk)
-        .where(instances.c.archive_id == archive.id, instances.c.sop_instance_uid == tags.sop_uid)
-    ).first()
+def _refuse_other_parents(tags, study_of_other_patient):
+    if study_of_other_patient:
+        raise Conflict(
+            "conflicting_instance", f"study {tags.study_uid} belongs to another patient than {tags.patient_id}"
+        )
+    raise Conflict("conflicting_instance", f"series {tags.series_uid} belongs to another study than {tags.study_uid}")
+
+
+def _create_parents(session, archive, tags):
+    """Find or create the instance's patient, study and series (race-safe); the series' id."""
+    patient = _get_or_create(
+        session, patients, ("archive_id", "patient_id"), {"archive_id": archive.id, **tags.patient}
+    )
+    study = _get_or_create(
+        session,
+        studies,
+        ("archive_id", "study_instance_uid"),
+        {"archive_id": archive.id, "patient_pk": patient.id, **tags.study},
+    )
+    if study.patient_pk != patient.id:
+        _refuse_other_parents(tags, True)
+    series_row = _get_or_create(
+        session,
+        series,
+        ("archive_id", "series_instance_uid"),
+        {"archive_id": archive.id, "study_pk": study.id, "status": "uploaded", **tags.series},
+    )
+    if series_row.study_pk != study.id:
+        _refuse_other_parents(tags, False)
+    return series_row.id
 
 
 def _check_same_instance(existing, handle, size, tags):
     same = (
-        existing.series_instance_uid == tags.series_uid
+        existing.instance_series_uid == tags.series_uid
         and existing.size_bytes == size
         and filecmp.cmp(handle.name, storage().path(existing.storage_key), shallow=False)
     )

@@ -1,6 +1,8 @@
 """Configuration: defaults, then GATEWAY_* environment variables (or a test's mapping)."""
 import os
 
+from .db import engine_options
+
 DEFAULTS = {
     "DATABASE_URL": None,  # default: SQLite file in the instance folder
     "STORAGE_DIR": None,  # default: instance/storage
@@ -29,4 +31,4 @@ def load_config(app, test_config):
     config["CREDENTIAL_CACHE_SECONDS"] = cache_seconds
     config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
     config["SQLALCHEMY_DATABASE_URI"] = config["DATABASE_URL"]
-    config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
+    config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", engine_options(config["DATABASE_URL"]))

@@ -1,14 +1,13 @@
 """Reading an uploaded DICOM file: validation and the tags the archive keeps.
 
-pydicom reads the header (stopping before pixel data, without force), then its element generator
-walks the whole dataset without loading values, so a file that ends inside an element is refused.
+pydicom reads the file in one pass without force, skipping over (not loading) large values such as the
+pixel data; a file that ends inside an element is refused.
 """
 import datetime
 from dataclasses import dataclass
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -16,6 +15,7 @@ from .errors import InvalidValue
 
 UID_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_DEFER_BYTES = 4096  # values larger than this (pixel data) are skipped over, not read
 
 
 class InvalidDicom(InvalidValue):
@@ -51,7 +51,7 @@ def read_instance(handle, size):
     """Validate the DICOM file open in `handle` (`size` bytes) and return its tags, or raise InvalidDicom."""
     handle.seek(0)
     try:
-        dataset = pydicom.dcmread(handle, stop_before_pixels=True)
+        dataset = pydicom.dcmread(handle, defer_size=_DEFER_BYTES)
         _check_complete(handle, dataset, size)
         tags = _extract(dataset)
     except InvalidDicom:
@@ -64,19 +64,18 @@ def read_instance(handle, size):
 
 
 def _check_complete(handle, dataset, size):
-    transfer_syntax = dataset.file_meta.get("TransferSyntaxUID")
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+    """The last element read must end exactly where the file does.
+
+    pydicom stops quietly at a partial element header and keeps a value shorter than its declared
+    length; either can only be the file's last element, so its end tells a truncated file.
+    """
+    if dataset.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         return  # the dataset is one zlib stream, which pydicom already had to inflate whole
-    handle.seek(0)
-    read_preamble(handle, False)
-    _read_file_meta_info(handle)
-    is_implicit_vr, is_little_endian = dataset.original_encoding
-    end = handle.tell()
-    for element in data_element_generator(handle, is_implicit_vr, is_little_endian, defer_size=0):
-        end = handle.tell()
-        # an undefined-length sequence comes back parsed (a DataElement, without .length)
-        if getattr(element, "length", _UNDEFINED_LENGTH) != _UNDEFINED_LENGTH and end > size:
-            raise InvalidDicom("the file ends inside a data element (truncated)")
+    if not dataset._dict:
+        raise InvalidDicom("the file holds no dataset")
+    last = next(reversed(dataset._dict.values()))
+    length = getattr(last, "length", _UNDEFINED_LENGTH)  # an undefined-length sequence comes back parsed
+    end = handle.tell() if length == _UNDEFINED_LENGTH else last.value_tell + length
     if end != size:
         raise InvalidDicom("the file ends inside a data element (truncated)")
 

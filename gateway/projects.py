@@ -1,7 +1,7 @@
 """Projects, their archives and their members."""
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, delete, insert, select
+from sqlalchemy import delete, insert, select
 
 from .auth.users import user_id_of
 from .db import db, write_transaction
@@ -58,29 +58,17 @@ def add_member(project_name, username, can_upload=False):
         session.execute(insert(project_members).values(project_id=project_id, user_id=user_id, can_upload=can_upload))
 
 
-_MEMBER_ARCHIVE = (
-    select(projects.c.id, projects.c.kind, project_members.c.can_upload, archives.c.id.label("archive_id"))
-    .join(
-        project_members,
-        and_(project_members.c.project_id == projects.c.id, project_members.c.user_id == bindparam("user_id")),
-    )
-    .outerjoin(archives, and_(archives.c.project_id == projects.c.id, archives.c.name == bindparam("archive")))
-    .where(projects.c.name == bindparam("project"))
-)
-
-
-def resolve_archive(user_id, project_name, archive_name):
-    """The archive a member addresses; a project the user is not a member of does not exist for them."""
-    row = (
-        db.session.connection()
-        .execute(_MEMBER_ARCHIVE, {"user_id": user_id, "project": project_name, "archive": archive_name})
-        .first()
-    )
-    if row is None:
+def archive_ref(access, project_name, archive_name):
+    """The archive an auth.users.authenticate() row reaches; a project the user is not a member of does
+    not exist for them."""
+    if access.can_upload is None:
         raise ObjectNotFound("project_not_found", f"project {project_name!r} not found")
-    if row.archive_id is None:
+    if access.archive_id is None:
         raise ObjectNotFound("archive_not_found", f"archive {archive_name!r} not found in project {project_name!r}")
-    return ArchiveRef(id=row.archive_id, project_id=row.id, project_kind=row.kind, can_upload=bool(row.can_upload))
+    return ArchiveRef(
+        id=access.archive_id, project_id=access.project_id, project_kind=access.project_kind,
+        can_upload=access.can_upload,
+    )
 
 
 def archive_by_name(project_name, archive_name):

@@ -83,10 +83,11 @@ def add_result(archive, patient_id, study_uid, series_uid, result_type, name, al
         handle, filename, size = upload
         if size == 0:
             raise InvalidValue("no_data_submitted", "the result file is empty")
-        storage().make_durable(handle)  # before the transaction, which holds SQLite's write lock
+        key = storage().new_key("bin")
+        storage().prepare(handle, key)  # fsync and folder before the transaction (SQLite's write lock)
         row.update(
             value_kind="file",
-            storage_key=storage().new_key("bin"),
+            storage_key=key,
             filename=secure_filename(filename or "") or "result.bin",
             size_bytes=size,
         )

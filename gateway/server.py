@@ -17,4 +17,11 @@ class _GatewayServer(BaseApplication):
 
 
 def serve(app, bind, workers):
-    _GatewayServer(app, {"bind": bind, "workers": workers, "worker_class": "gthread", "threads": 4}).run()
+    options = {
+        "bind": bind,
+        "workers": workers,
+        "worker_class": "gthread",  # threads keep connections alive; workers use the cores
+        "threads": 4,
+        "control_socket_disable": True,  # one per machine user: two gateways would share it
+    }
+    _GatewayServer(app, options).run()

@@ -5,7 +5,6 @@ run creates its own database there and drops it at the end. Where PostgreSQL can
 half of the suite is skipped with the reason, unless GATEWAY_TEST_REQUIRE_POSTGRES=1 (as in CI),
 which makes that a failure.
 """
-import io
 import os
 import shutil
 import socket
@@ -19,6 +18,7 @@ import pytest
 import requests
 import sqlalchemy
 from sqlalchemy import text
+from urllib3 import encode_multipart_formdata
 
 from gateway import create_app
 from gateway.auth.users import create_user, grant
@@ -161,9 +161,19 @@ class ApiClient:
     def get(self, call, headers=None, **params):
         return self.client.get(f"/api/v1/{call}", query_string=params, headers=headers or self.headers)
 
+    def post(self, call, fields, headers=None):
+        """POST multipart form data encoded as `requests` encodes it; a file is a (filename, bytes) tuple.
+
+        (werkzeug's test client writes an empty file part without the line break that belongs to the
+        next boundary, which real clients and the gateway's parser do not accept.)
+        """
+        body, content_type = encode_multipart_formdata(fields)
+        return self.client.post(f"/api/v1/{call}", data=body, content_type=content_type,
+                                headers=headers or self.headers)
+
     def upload(self, data, project="alpha", archive="main", filename="image.dcm", headers=None):
-        form = {"Project": project, "Archive": archive, "file": (io.BytesIO(data), filename)}
-        return self.client.post("/api/v1/instance/upload/", data=form, headers=headers or self.headers)
+        fields = {"Project": project, "Archive": archive, "file": (filename, data)}
+        return self.post("instance/upload/", fields, headers=headers)
 
 
 @pytest.fixture
@@ -210,7 +220,8 @@ def gunicorn(tmp_path):
         log_path = tmp_path / f"gunicorn-{port}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [executable, "-w", "2", "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{port}", "wsgi:app"],
+                [executable, "-w", "2", "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{port}",
+                 "--no-control-socket", "wsgi:app"],  # gunicorn's control socket is one per machine user
                 cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             )
         processes.append(process)

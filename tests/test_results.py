@@ -25,8 +25,8 @@ def add(api, name, value=None, file=None, result_type="cad4tb", algorithm="CAD4T
     if value is not None:
         form["Value"] = value
     if file is not None:
-        form["file"] = (io.BytesIO(file[1]), file[0])
-    return api.client.post("/api/v1/series/results/add/", data=form, headers=headers or api.headers)
+        form["file"] = file
+    return api.post("series/results/add/", form, headers=headers)
 
 
 def get(api, names, result_type="cad4tb", params=SERIES_PARAMS, **extra):

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
+from urllib3 import encode_multipart_formdata
 
 from gateway.auth import API_PERMISSIONS
 from gateway.auth.users import create_user, grant
@@ -33,7 +34,7 @@ from .conftest import PASSWORD, assert_error, credentials, instance
 UPLOAD_URL = "/api/v1/instance/upload/"
 IDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 # The only names the storage may hold outside tmp/: keys it generated itself.
-STORAGE_KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm$")
+STORAGE_KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{32}\.dcm$")
 CLEAN_FILENAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 PYDICOM_TEST_FILES = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
 
@@ -665,3 +666,20 @@ def test_failure_right_after_placing_the_file_leaves_nothing(api, seeded, monkey
     _assert_clean_500(response)
     assert len(placed) == 1
     assert_nothing_stored(seeded)  # neither the row nor the file that was moved into place
+
+
+def test_a_broken_multipart_body_is_a_400_that_leaves_nothing(api, seeded):
+    body, content_type = encode_multipart_formdata({"Project": "alpha", "Archive": "main", "file": ("a.dcm", instance())})
+    for broken in (body[: len(body) // 2], body.replace(b"--\r\n", b"")):  # cut short; no closing boundary
+        response = api.client.post(UPLOAD_URL, data=broken, content_type=content_type, headers=api.headers)
+        assert_error(response, 400, "invalid_post_value", None)
+        assert "multipart body could not be read" in response.get_json()["message"]
+        assert temp_files(seeded) == []
+    assert_nothing_stored(seeded)
+
+
+def test_an_oversized_text_field_is_a_413(api, seeded):
+    fields = {"Project": "alpha" * 200_000, "Archive": "main", "file": ("a.dcm", instance())}
+    response = api.post("instance/upload/", fields)
+    assert_error(response, 413, "invalid_post_value", "file_too_large")
+    assert temp_files(seeded) == []

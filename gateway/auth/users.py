@@ -6,7 +6,7 @@ from sqlalchemy import and_, bindparam, delete, exists, insert, select
 
 from ..db import db, write_transaction
 from ..errors import NotAllowed, NotAuthenticated
-from ..models import user_permissions, users
+from ..models import archives, project_members, projects, user_permissions, users
 from .credentials import hash_password
 from .permissions import expand_permissions
 
@@ -56,30 +56,49 @@ def grant(username, names):
     return permissions
 
 
-_CREDENTIALS = select(
-    users.c.id,
-    users.c.password_hash,
-    exists().where(
-        and_(user_permissions.c.user_id == users.c.id, user_permissions.c.permission == bindparam("permission"))
-    ),
-).where(users.c.username == bindparam("username"))
+# One round trip for everything a call checks before it looks at its object: the credentials, the
+# permission, and the membership, kind and archive of the project it names.
+_ACCESS = (
+    select(
+        users.c.id,
+        users.c.password_hash,
+        exists()
+        .where(and_(user_permissions.c.user_id == users.c.id, user_permissions.c.permission == bindparam("permission")))
+        .label("allowed"),
+        projects.c.id.label("project_id"),
+        projects.c.kind.label("project_kind"),
+        project_members.c.can_upload,
+        archives.c.id.label("archive_id"),
+    )
+    .select_from(users)
+    .outerjoin(projects, projects.c.name == bindparam("project"))
+    .outerjoin(
+        project_members, and_(project_members.c.project_id == projects.c.id, project_members.c.user_id == users.c.id)
+    )
+    .outerjoin(archives, and_(archives.c.project_id == projects.c.id, archives.c.name == bindparam("archive")))
+    .where(users.c.username == bindparam("username"))
+)
 
 
-def authenticate(username, password, permission):
-    """The id of the user these credentials name, who must hold `permission`.
+def authenticate(username, password, permission, project=None, archive=None):
+    """The user these credentials name, who must hold `permission`, with what they may reach of `project`.
 
     Raises NotAuthenticated (missing or wrong credentials) before NotAllowed (missing permission).
+    The row returned carries the user's `id` and the columns that projects.archive_ref() reads.
     """
     if not username or not password:
         raise NotAuthenticated(None, "X-USERNAME and X-PASSWORD headers are required")
-    row = db.session.connection().execute(_CREDENTIALS, {"username": username, "permission": permission}).first()
+    row = (
+        db.session.connection()
+        .execute(_ACCESS, {"username": username, "permission": permission, "project": project, "archive": archive})
+        .first()
+    )
     cache = current_app.extensions["gateway.credentials"]
     if row is None:
         cache.verify(None, None, password)
         raise NotAuthenticated(None, "wrong username or password")
-    user_id, stored_hash, allowed = row
-    if not cache.verify(user_id, stored_hash, password):
+    if not cache.verify(row.id, row.password_hash, password):
         raise NotAuthenticated(None, "wrong username or password")
-    if not allowed:
+    if not row.allowed:
         raise NotAllowed(None, f"this call needs the permission {permission}")
-    return user_id
+    return row

@@ -2,14 +2,14 @@
 import logging
 
 from flask import Blueprint, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException
 from werkzeug.utils import secure_filename
 
 from .. import archive as archive_store
 from .. import forms, results
 from ..auth.users import authenticate
-from ..errors import GatewayError, InvalidValue, NotAllowed
-from ..projects import resolve_archive
+from ..errors import GatewayError, InvalidValue, NotAllowed, NotAuthenticated
+from ..projects import archive_ref
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +22,15 @@ SERIES = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
 
 def _authorised_call(permission, *parameters):
     """Credentials, then permission, then parameters, then project and archive: the spec's error order."""
-    user_id = authenticate(request.headers.get("X-USERNAME"), request.headers.get("X-PASSWORD"), permission)
-    values = []
-    for name in ("Project", "Archive", *parameters):
-        value = request.values.get(name)
+    username, password = request.headers.get("X-USERNAME"), request.headers.get("X-PASSWORD")
+    if not username or not password:  # answered before an upload's body is read
+        raise NotAuthenticated(None, "X-USERNAME and X-PASSWORD headers are required")
+    values = [request.values.get(name) for name in ("Project", "Archive", *parameters)]
+    access = authenticate(username, password, permission, values[0], values[1])
+    for name, value in zip(("Project", "Archive", *parameters), values):
         if not value:
             raise InvalidValue("missing_parameter", f"the parameter {name} is required")
-        values.append(value)
-    archive = resolve_archive(user_id, values[0], values[1])
-    return user_id, archive, values[2:]
+    return access.id, archive_ref(access, values[0], values[1]), values[2:]
 
 
 @bp.post("/instance/upload/")
@@ -184,6 +184,8 @@ def register_error_handlers(app):
         )
         if error.code == 413:
             message += f" ({app.config['MAX_UPLOAD_MB']:g} MB)"
+        elif error.code == 400 and error.description != BadRequest.description:
+            message = error.description
         return _error_body(error.code, error_type or _value_error_type(), suberror_type, message.format(method=request.method))
 
     @app.errorhandler(Exception)
