@@ -20,8 +20,10 @@ def serve(app, bind, workers):
     options = {
         "bind": bind,
         "workers": workers,
-        "worker_class": "gthread",  # threads keep connections alive; workers use the cores
-        "threads": 4,
+        # sync workers: every request is a new connection, so the kernel spreads the load over the
+        # workers; threaded workers keep a client's connection on one worker, and a few busy clients
+        # can leave the other worker (and core) idle (bench/archive_v1.py shows both)
+        "worker_class": "sync",
         "control_socket_disable": True,  # one per machine user: two gateways would share it
     }
     _GatewayServer(app, options).run()

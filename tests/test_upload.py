@@ -251,6 +251,9 @@ def test_missing_file_field_is_refused(api, seeded):
     )
     assert_error(response, 400, "invalid_post_value", "no_data_submitted")
     assert_nothing_stored(seeded)
+    # a missing file is a parameter error, which comes before an unknown project
+    response = api.post("instance/upload/", {"Project": "no-such-project", "Archive": "main"})
+    assert_error(response, 400, "invalid_post_value", "no_data_submitted")
 
 
 def test_text_file_is_refused(api, seeded):

@@ -20,8 +20,9 @@ STUDY = ("PatientID", "StudyInstanceUID")
 SERIES = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
-def _authorised_call(permission, *parameters):
-    """Credentials, then permission, then parameters, then project and archive: the spec's error order."""
+def _authorised_call(permission, *parameters, check_body=None):
+    """Credentials, then permission, then parameters (and `check_body`), then project and archive: the
+    spec's error order."""
     username, password = request.headers.get("X-USERNAME"), request.headers.get("X-PASSWORD")
     if not username or not password:  # answered before an upload's body is read
         raise NotAuthenticated(None, "X-USERNAME and X-PASSWORD headers are required")
@@ -30,22 +31,33 @@ def _authorised_call(permission, *parameters):
     for name, value in zip(("Project", "Archive", *parameters), values):
         if not value:
             raise InvalidValue("missing_parameter", f"the parameter {name} is required")
+    if check_body is not None:
+        check_body()
     return access.id, archive_ref(access, values[0], values[1]), values[2:]
+
+
+def _uploaded_file():
+    """The multipart part `file` as (open temp file, client's filename, size), or None."""
+    upload = request.files.get("file")
+    if upload is None:
+        return None
+    upload.stream.seek(0, 2)
+    return upload.stream, upload.filename, upload.stream.tell()
+
+
+def _require_file():
+    upload = _uploaded_file()
+    if upload is None or upload[2] == 0:
+        raise InvalidValue("no_data_submitted", "no file was submitted (a multipart field named 'file' is expected)")
 
 
 @bp.post("/instance/upload/")
 def upload_instance():
-    _user_id, archive, _ = _authorised_call("api_instance_upload")
-    upload = request.files.get("file")
-    size = 0
-    if upload is not None:
-        upload.stream.seek(0, 2)
-        size = upload.stream.tell()
-    if size == 0:
-        raise InvalidValue("no_data_submitted", "no file was submitted (a multipart field named 'file' is expected)")
+    _user_id, archive, _ = _authorised_call("api_instance_upload", check_body=_require_file)
     if not archive.can_upload:
         raise NotAllowed(None, "uploading to this project needs the upload right (upload_project)")
-    return jsonify(archive_store.store_instance(archive, upload.stream, size, upload.filename))
+    handle, filename, size = _uploaded_file()
+    return jsonify(archive_store.store_instance(archive, handle, size, filename))
 
 
 @bp.get("/patient/get/")
@@ -112,13 +124,8 @@ def delete_series():
 @bp.post("/series/results/add/")
 def add_series_result():
     _user_id, archive, params = _authorised_call("api_add_series_results", *SERIES, "Type", "Name", "Algorithm")
-    upload = request.files.get("file")
-    file_part = None
-    if upload is not None:
-        upload.stream.seek(0, 2)
-        file_part = (upload.stream, upload.filename, upload.stream.tell())
     value = request.form.get("Value")
-    return jsonify(results.add_result(archive, *params, value=value, upload=file_part))
+    return jsonify(results.add_result(archive, *params, value=value, upload=_uploaded_file()))
 
 
 @bp.get("/series/results/")
