@@ -8,7 +8,11 @@ from dataclasses import dataclass
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.charset import convert_encodings
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
+from pydicom.values import convert_text
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from .errors import InvalidValue
@@ -80,21 +84,51 @@ def _check_complete(handle, dataset, size):
         raise InvalidDicom("the file ends inside a data element (truncated)")
 
 
-def _text(dataset, keyword, limit):
-    value = dataset.get(keyword)
+class _RawValues:
+    """The tags the archive keeps, decoded straight from pydicom's raw elements.
+
+    Going through Dataset attribute access (element conversion, value validation) for these two dozen
+    tags costs twice as much as reading the whole file.
+    """
+
+    def __init__(self, dataset):
+        self._dataset = dataset
+        self._raw = dataset._dict  # pydicom's own element store: raw until something converts them
+        charset = self._raw.get(0x00080005)
+        names = charset.value if charset is not None else None  # pydicom converts this one while reading
+        if isinstance(names, bytes):
+            names = names.decode("latin-1").split("\\")
+        self._encodings = convert_encodings(names or None)
+
+    def _bytes(self, tag):
+        element = self._raw.get(tag)
+        return element.value if isinstance(element, RawDataElement) and isinstance(element.value, bytes) else None
+
+    def get(self, keyword):
+        tag = tag_for_keyword(keyword)
+        value = self._bytes(tag)
+        if value is not None:
+            value = convert_text(value, self._encodings)
+        elif tag in self._raw:  # converted already, or too large to have been read: pydicom converts it
+            value = self._dataset[tag].value
+        if isinstance(value, (list, MultiValue)):
+            value = "\\".join(str(item) for item in value)
+        return value
+
+
+def _text(values, keyword, limit):
+    value = values.get(keyword)
     if value is None:
         return None
-    if isinstance(value, MultiValue):
-        value = "\\".join(str(item) for item in value)
     text = str(value).replace("\x00", "").strip()
     return text[:limit] or None
 
 
-def _uid(dataset, keyword):
-    raw = dataset.get(keyword)
+def _uid(values, keyword):
+    raw = values.get(keyword)
     if raw is not None and "\x00" in str(raw).rstrip("\x00 "):
         raise InvalidDicom(f"{keyword} holds a NUL character")
-    value = _text(dataset, keyword, 1000)
+    value = _text(values, keyword, 1000)
     if value is None:
         raise InvalidDicom(f"the file has no {keyword}")
     if len(value) > 64:
@@ -102,8 +136,8 @@ def _uid(dataset, keyword):
     return value
 
 
-def _date(dataset, keyword):
-    text = _text(dataset, keyword, 32)
+def _date(values, keyword):
+    text = _text(values, keyword, 32)
     if not text:
         return None
     try:
@@ -112,9 +146,9 @@ def _date(dataset, keyword):
         return None
 
 
-def _time(dataset, keyword):
+def _time(values, keyword):
     """DICOM TM (HHMMSS.FFFFFF, trailing parts optional) as HH:MM:SS with any fraction kept."""
-    text = _text(dataset, keyword, 32)
+    text = _text(values, keyword, 32)
     if not text:
         return None
     whole, _, fraction = text.replace(":", "").partition(".")
@@ -128,34 +162,35 @@ def _time(dataset, keyword):
 
 
 def _extract(dataset):
-    sop_class_uid = _text(dataset, "SOPClassUID", 64)
+    values = _RawValues(dataset)
+    sop_class_uid = _text(values, "SOPClassUID", 64)
     return InstanceTags(
         patient={
-            "patient_id": _uid(dataset, "PatientID"),
-            "patient_name": _text(dataset, "PatientName", 324),
-            "patient_sex": _text(dataset, "PatientSex", 16),
-            "patient_birth_date": _date(dataset, "PatientBirthDate"),
+            "patient_id": _uid(values, "PatientID"),
+            "patient_name": _text(values, "PatientName", 324),
+            "patient_sex": _text(values, "PatientSex", 16),
+            "patient_birth_date": _date(values, "PatientBirthDate"),
         },
         study={
-            "study_instance_uid": _uid(dataset, "StudyInstanceUID"),
-            "study_date": _date(dataset, "StudyDate"),
-            "study_time": _time(dataset, "StudyTime"),
-            "study_description": _text(dataset, "StudyDescription", 324),
-            "referring_physician_name": _text(dataset, "ReferringPhysicianName", 324),
-            "institution_name": _text(dataset, "InstitutionName", 324),
-            "accession_number": _text(dataset, "AccessionNumber", 64),
+            "study_instance_uid": _uid(values, "StudyInstanceUID"),
+            "study_date": _date(values, "StudyDate"),
+            "study_time": _time(values, "StudyTime"),
+            "study_description": _text(values, "StudyDescription", 324),
+            "referring_physician_name": _text(values, "ReferringPhysicianName", 324),
+            "institution_name": _text(values, "InstitutionName", 324),
+            "accession_number": _text(values, "AccessionNumber", 64),
         },
         series={
-            "series_instance_uid": _uid(dataset, "SeriesInstanceUID"),
+            "series_instance_uid": _uid(values, "SeriesInstanceUID"),
             "sop_class_uid": sop_class_uid,
-            "series_date": _date(dataset, "SeriesDate"),
-            "series_time": _time(dataset, "SeriesTime"),
-            "series_description": _text(dataset, "SeriesDescription", 324),
-            "manufacturer": _text(dataset, "Manufacturer", 324),
-            "manufacturer_model_name": _text(dataset, "ManufacturerModelName", 324),
+            "series_date": _date(values, "SeriesDate"),
+            "series_time": _time(values, "SeriesTime"),
+            "series_description": _text(values, "SeriesDescription", 324),
+            "manufacturer": _text(values, "Manufacturer", 324),
+            "manufacturer_model_name": _text(values, "ManufacturerModelName", 324),
         },
         instance={
-            "sop_instance_uid": _uid(dataset, "SOPInstanceUID"),
+            "sop_instance_uid": _uid(values, "SOPInstanceUID"),
             "sop_class_uid": sop_class_uid,
         },
     )

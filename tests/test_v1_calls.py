@@ -2,6 +2,7 @@
 import io
 import zipfile
 
+import pydicom
 import pytest
 
 from gateway.auth.users import create_user, grant
@@ -256,3 +257,17 @@ def test_unexpected_errors_are_json_without_a_trace(stored, monkeypatch):
     response = stored.get("patient/get/", **ALPHA, PatientID=PATIENT)
     assert_error(response, 500, "internal_error", None)
     assert b"secret internals" not in response.data and b"Traceback" not in response.data
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR 192", "ISO_IR 100", "ISO 2022 IR 100"])
+def test_names_are_decoded_with_the_files_character_set(api, charset):
+    dataset = pydicom.dcmread(io.BytesIO(instance()))
+    dataset.SpecificCharacterSet = charset
+    dataset.PatientName = "Müller^Jürgen"
+    dataset.InstitutionName = "Hôpital Général"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    assert api.upload(buffer.getvalue()).status_code == 200
+    assert api.get("patient/get/", **ALPHA, PatientID=PATIENT).json["PatientName"] == "Müller^Jürgen"
+    study = api.get("study/get/", **ALPHA, PatientID=PATIENT, StudyInstanceUID=STUDY).json
+    assert study["InstitutionName"] == "Hôpital Général"
