@@ -7,7 +7,7 @@ from .auth import CredentialCache
 from .config import load_config
 from .db import configure_engine, db
 from .storage import FileStorage
-from .uploads import GatewayRequest
+from .uploads import GatewayRequest, discard_unused_uploads
 
 
 def create_app(test_config=None):
@@ -22,14 +22,7 @@ def create_app(test_config=None):
     app.extensions["gateway.storage"] = FileStorage(app.config["STORAGE_DIR"])
     app.extensions["gateway.credentials"] = CredentialCache(app.config["CREDENTIAL_CACHE_SECONDS"])
 
-    @app.teardown_request
-    def _discard_unused_uploads(_error):
-        from flask import request
-
-        storage = app.extensions["gateway.storage"]
-        for handle in request.environ.pop("gateway.temp_files", []):
-            handle.close()
-            storage.discard_temp(handle.name)
+    app.teardown_request(discard_unused_uploads)
 
     from . import v1
 

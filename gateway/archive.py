@@ -86,14 +86,40 @@ _INSERT_INSTANCE = {
     dialect: insert_for_dialect(instances).on_conflict_do_nothing().returning(instances.c.id)
     for dialect, insert_for_dialect in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
 }
+_INSTANCE_COLUMNS = ("archive_id", "series_pk", "sop_instance_uid", "sop_class_uid", "filename", "storage_key",
+                     "size_bytes", "created_at")
+# The common case in one statement: a new instance of a series that is stored already.
+_INSERT_INTO_STORED_SERIES = {
+    dialect: insert_for_dialect(instances)
+    .from_select(
+        _INSTANCE_COLUMNS,
+        select(
+            bindparam("archive_id"),
+            series.c.id,
+            *(bindparam(name) for name in _INSTANCE_COLUMNS[2:]),
+        )
+        .join(studies, studies.c.id == series.c.study_pk)
+        .join(patients, patients.c.id == studies.c.patient_pk)
+        .where(
+            series.c.archive_id == bindparam("archive_id"),
+            series.c.series_instance_uid == bindparam("series_uid"),
+            studies.c.study_instance_uid == bindparam("study_uid"),
+            patients.c.patient_id == bindparam("patient_id"),
+        ),
+    )
+    .on_conflict_do_nothing()
+    .returning(instances.c.id)
+    for dialect, insert_for_dialect in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
+}
 
 
 def store_instance(archive, handle, size, filename):
     """Store the uploaded file open in `handle` (a storage temp file) and return its four identifiers.
 
-    The file is validated first; rows and file land together or not at all. The same bytes again are
-    accepted as they are; different bytes under a stored SOPInstanceUID, or a study or series that
-    the stored objects tie to another patient or study, are a Conflict.
+    The file is validated first and moved into place before its row is written: a crash in between
+    leaves an unreferenced file, never a row without its file, and any failure removes the file. The
+    same bytes again are accepted as they are; different bytes under a stored SOPInstanceUID, or a
+    study or series that the stored objects tie to another patient or study, are a Conflict.
     """
     tags = read_instance(handle, size)
     if archive.project_kind == "retina":
@@ -106,7 +132,6 @@ def store_instance(archive, handle, size, filename):
     }
     files = storage()
     key = files.new_key()
-    files.prepare(handle, key)  # fsync and folders: the slow part of placing a file, before the write lock
     lookup = {
         "archive_id": archive.id,
         "patient_id": tags.patient_id,
@@ -114,41 +139,50 @@ def store_instance(archive, handle, size, filename):
         "series_uid": tags.series_uid,
         "sop_uid": tags.sop_uid,
     }
-    placed = False
+    row = {
+        "series_pk": None,
+        "sop_instance_uid": tags.sop_uid,
+        "sop_class_uid": tags.instance["sop_class_uid"],
+        "filename": clean_filename(filename, f"{tags.sop_uid}.dcm"),
+        "storage_key": key,
+        "size_bytes": size,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
+    }
     try:
-        with write_transaction() as session:
+        files.place(handle, key)
+        with write_transaction(single_statement=True) as session:
             connection = session.connection()
-            known = connection.execute(_UPLOAD_LOOKUP, lookup).one()
-            if known.storage_key is not None:
-                _check_same_instance(known, handle, size, tags)
+            if connection.execute(_INSERT_INTO_STORED_SERIES[connection.dialect.name], {**lookup, **row}).first():
                 return answer
-            series_pk = known.series_pk
-            if series_pk is None or known.study_pk is None or known.patient_pk is None:
-                series_pk = _create_parents(session, archive, tags)
-            elif known.study_patient_pk != known.patient_pk or known.series_study_pk != known.study_pk:
-                _refuse_other_parents(tags, known.study_patient_pk != known.patient_pk)
-            inserted = connection.execute(
-                _INSERT_INSTANCE[connection.dialect.name],
-                {
-                    "archive_id": archive.id,
-                    "series_pk": series_pk,
-                    "filename": clean_filename(filename, f"{tags.sop_uid}.dcm"),
-                    "storage_key": key,
-                    "size_bytes": size,
-                    "created_at": datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
-                    **tags.instance,
-                },
-            ).first()
-            if inserted is None:  # another client stored this instance a moment ago
-                _check_same_instance(connection.execute(_UPLOAD_LOOKUP, lookup).one(), handle, size, tags)
-                return answer
-            placed = True  # from here on a failure must remove the file, wherever place() stopped
-            files.place(handle, key)
+        if not _store_in_new_or_other_series(archive, tags, lookup, row):
+            files.delete(key)  # the same instance was stored already
     except BaseException:
-        if placed:
-            files.delete(key)  # its row was rolled back
+        files.delete(key)
         raise
     return answer
+
+
+def _store_in_new_or_other_series(archive, tags, lookup, row):
+    """The rest of the cases, in one transaction; False when the instance is stored already."""
+    our_file = storage().path(row["storage_key"])
+    with write_transaction() as session:
+        connection = session.connection()
+        known = connection.execute(_UPLOAD_LOOKUP, lookup).one()
+        if known.storage_key is not None:
+            _check_same_instance(known, our_file, row["size_bytes"], tags)
+            return False
+        series_pk = known.series_pk
+        if series_pk is None or known.study_pk is None or known.patient_pk is None:
+            series_pk = _create_parents(session, archive, tags)
+        elif known.study_patient_pk != known.patient_pk or known.series_study_pk != known.study_pk:
+            _refuse_other_parents(tags, known.study_patient_pk != known.patient_pk)
+        inserted = connection.execute(
+            _INSERT_INSTANCE[connection.dialect.name], {**row, "archive_id": archive.id, "series_pk": series_pk}
+        ).first()
+        if inserted is None:  # another client stored this instance a moment ago
+            _check_same_instance(connection.execute(_UPLOAD_LOOKUP, lookup).one(), our_file, row["size_bytes"], tags)
+            return False
+    return True
 
 
 def _refuse_other_parents(tags, study_of_other_patient):
@@ -183,11 +217,11 @@ def _create_parents(session, archive, tags):
     return series_row.id
 
 
-def _check_same_instance(existing, handle, size, tags):
+def _check_same_instance(existing, our_file, size, tags):
     same = (
         existing.instance_series_uid == tags.series_uid
         and existing.size_bytes == size
-        and filecmp.cmp(handle.name, storage().path(existing.storage_key), shallow=False)
+        and filecmp.cmp(our_file, storage().path(existing.storage_key), shallow=False)
     )
     if not same:
         raise Conflict(

@@ -46,13 +46,17 @@ def configure_engine(engine):
 
 
 @contextmanager
-def write_transaction():
+def write_transaction(single_statement=False):
     """A transaction that writes: on SQLite it holds the write lock from its first statement.
 
     Ends any read transaction the request already had open, commits on success, rolls back on error.
+    For one statement, which is atomic by itself, PostgreSQL stays in autocommit: BEGIN and COMMIT
+    would be two more round trips.
     """
     db.session.rollback()
-    db.session.connection(execution_options=_WRITE_OPTIONS.get(db.engine.dialect.name, {}))
+    dialect = db.engine.dialect.name
+    if not (single_statement and dialect == "postgresql"):
+        db.session.connection(execution_options=_WRITE_OPTIONS.get(dialect, {}))
     try:
         yield db.session
         db.session.commit()

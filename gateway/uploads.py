@@ -5,7 +5,7 @@ cost more than the rest of parsing a small DICOM upload; `multipart` parses the 
 times faster. File parts go to a temp file in the storage folder, so storing one is a rename.
 """
 import multipart
-from flask import current_app
+from flask import current_app, request
 from flask.wrappers import Request
 from werkzeug.datastructures import FileStorage, Headers
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
@@ -55,7 +55,7 @@ class _FormDataParser(FormDataParser):
 
 
 class GatewayRequest(Request):
-    """Spools uploaded files into the storage's tmp folder; the app's teardown removes what is left."""
+    """Spools uploaded files into the storage's tmp folder; discard_unused_uploads removes what is left."""
 
     form_data_parser_class = _FormDataParser
 
@@ -63,3 +63,11 @@ class GatewayRequest(Request):
         handle = current_app.extensions["gateway.storage"].temp_file()
         self.environ.setdefault("gateway.temp_files", []).append(handle)
         return handle
+
+
+def discard_unused_uploads(_error):
+    """Teardown: remove the temp files of this request that were not moved into place."""
+    storage = current_app.extensions["gateway.storage"]
+    for handle in request.environ.pop("gateway.temp_files", []):
+        handle.close()
+        storage.discard_temp(handle.name)
