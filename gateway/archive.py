@@ -52,6 +52,21 @@ def _get_or_create(session, table, key_columns, values):
     return row
 
 
+def _select_series_by_uids(*columns):
+    """SELECT columns of the series that bind parameters archive_id, patient_id, study_uid and series_uid name."""
+    return (
+        select(*columns)
+        .join(studies, studies.c.id == series.c.study_pk)
+        .join(patients, patients.c.id == studies.c.patient_pk)
+        .where(
+            series.c.archive_id == bindparam("archive_id"),
+            series.c.series_instance_uid == bindparam("series_uid"),
+            studies.c.study_instance_uid == bindparam("study_uid"),
+            patients.c.patient_id == bindparam("patient_id"),
+        )
+    )
+
+
 # What an upload needs to know, in one statement: which of its patient, study, series and instance
 # exist already, and what they are tied to.
 _instance_of = series.alias("instance_series")
@@ -93,18 +108,8 @@ _INSERT_INTO_STORED_SERIES = {
     dialect: insert_for_dialect(instances)
     .from_select(
         _INSTANCE_COLUMNS,
-        select(
-            bindparam("archive_id"),
-            series.c.id,
-            *(bindparam(name) for name in _INSTANCE_COLUMNS[2:]),
-        )
-        .join(studies, studies.c.id == series.c.study_pk)
-        .join(patients, patients.c.id == studies.c.patient_pk)
-        .where(
-            series.c.archive_id == bindparam("archive_id"),
-            series.c.series_instance_uid == bindparam("series_uid"),
-            studies.c.study_instance_uid == bindparam("study_uid"),
-            patients.c.patient_id == bindparam("patient_id"),
+        _select_series_by_uids(
+            bindparam("archive_id"), series.c.id, *(bindparam(name) for name in _INSTANCE_COLUMNS[2:])
         ),
     )
     .on_conflict_do_nothing()
@@ -298,17 +303,7 @@ _STUDY = (
         patients.c.patient_id == bindparam("patient_id"),
     )
 )
-_SERIES = (
-    select(series)
-    .join(studies, studies.c.id == series.c.study_pk)
-    .join(patients, patients.c.id == studies.c.patient_pk)
-    .where(
-        series.c.archive_id == bindparam("archive_id"),
-        series.c.series_instance_uid == bindparam("series_uid"),
-        studies.c.study_instance_uid == bindparam("study_uid"),
-        patients.c.patient_id == bindparam("patient_id"),
-    )
-)
+_SERIES = _select_series_by_uids(series)
 
 
 def _first(statement, **params):
