@@ -44,7 +44,7 @@ class _FormDataParser(FormDataParser):
                             else:
                                 target.write(event)
                         elif part.filename is None:
-                            form.append((part.name, target.decode(part.charset or "utf-8", "replace")))
+                            form.append((part.name, target.decode("utf-8", "replace")))  # as browsers send
                         else:
                             target.seek(0)
                             files.append((part.name, FileStorage(target, part.filename, part.name,
