@@ -2,6 +2,7 @@
 import datetime
 import functools
 import io
+import logging
 import math
 import os
 import re
@@ -15,6 +16,8 @@ from .db import db, write_transaction
 from .errors import InvalidValue, ObjectNotFound
 from .models import PROJECT_KINDS, SERIES_STATUSES, series, series_results
 from .zipstream import ZipEntry, zip_stream
+
+log = logging.getLogger(__name__)
 
 _INTEGER = re.compile(r"[+-]?\d+")
 _DECIMAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+(?=[eE]))([eE][+-]?\d+)?")
@@ -62,6 +65,9 @@ def add_result(archive, patient_id, study_uid, series_uid, result_type, name, al
     """
     check_result_type(archive, result_type)
     _check_text("Name", name, 200)
+    if "," in name or name != name.strip():
+        # `Results` asks for names as a comma list, whose items are stripped: this name could not be asked for
+        raise InvalidValue("invalid_value", "a result Name cannot hold a comma or start or end with a space")
     _check_text("Algorithm", algorithm, 200)
     if (value is None) == (upload is None):
         raise InvalidValue("missing_parameter", "a result needs either a Value or a file, not both")
@@ -179,6 +185,9 @@ def _results_zip(ordered, scalars):
     for row in ordered:
         if row["value_kind"] != "file":
             continue
+        if not files.exists(row["storage_key"]):  # checked before the first byte: no broken download
+            log.error("the file of result %r (%s) is missing", row["name"], row["storage_key"])
+            raise ObjectNotFound("result_not_found", f"the file of result {row['name']!r} is not available")
         stem, extension = os.path.splitext(row["filename"])
         base = secure_filename(row["name"]) or stem or "result"
         name, number = base + extension, 1

@@ -123,6 +123,8 @@ def test_add_needs_a_value_or_a_file_and_a_known_series(series_with_instance):
     assert_error(add(api, "X", "1", file=("a.png", PNG)), 400, "invalid_post_value", "missing_parameter")
     assert_error(add(api, "X", file=("a.png", b"")), 400, "invalid_post_value", "no_data_submitted")
     assert_error(add(api, "X", "bad\x01value"), 400, "invalid_post_value", "invalid_value")
+    for unaskable in ("a,b", " padded"):  # names that a comma list of Results could not ask for
+        assert_error(add(api, unaskable, "1"), 400, "invalid_post_value", "invalid_value")
     unknown = {**SERIES_PARAMS, "SeriesInstanceUID": "9.9"}
     assert_error(add(api, "X", "1", params=unknown), 404, "object_not_found", "series_not_found")
     assert_error(get(api, "X", params=unknown), 404, "object_not_found", "series_not_found")
@@ -208,3 +210,10 @@ def test_cli_adds_results_and_sets_status(app, series_with_instance, tmp_path):
     assert bad.exit_code == 1 and "cad4tb project" in bad.output
     unknown = runner.invoke(args=["series", "status", "alpha", "main", PATIENT, STUDY, "9.9", "failed"])
     assert unknown.exit_code == 1 and "not found" in unknown.output
+
+
+def test_a_result_file_that_vanished_is_a_404_not_a_broken_zip(seeded, series_with_instance):
+    add(series_with_instance, "Heatmap", file=("map.png", PNG))
+    for path in seeded.extensions["gateway.storage"].root.rglob("*.bin"):
+        path.unlink()
+    assert_error(get(series_with_instance, "Heatmap"), 404, "object_not_found", "result_not_found")
