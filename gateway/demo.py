@@ -17,7 +17,7 @@ from .forms import create_form
 from .models import forms, projects, series_results, users
 from .projects import add_member, archive_by_name, create_archive, create_project
 from .results import add_result
-from .synthetic import DEMO_UID_ROOT, SECONDARY_CAPTURE_STORAGE, make_instance
+from .synthetic import CT_IMAGE_STORAGE, DEMO_UID_ROOT, SECONDARY_CAPTURE_STORAGE, make_instance
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
@@ -82,7 +82,7 @@ def demo_instances(project_index, patient_number, patient):
                     series_uid,
                     sop_uid,
                     modality=modality,
-                    sop_class_uid=SECONDARY_CAPTURE_STORAGE if modality == "OP" else "1.2.840.10008.5.1.4.1.1.2",
+                    sop_class_uid=SECONDARY_CAPTURE_STORAGE if modality == "OP" else CT_IMAGE_STORAGE,
                     patient_name=name,
                     patient_sex=sex,
                     patient_birth_date=birth_date,

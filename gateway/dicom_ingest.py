@@ -7,17 +7,16 @@ import datetime
 from dataclasses import dataclass
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.values import convert_text
 from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.values import convert_text
 
 from .errors import InvalidValue
 
-UID_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DEFER_BYTES = 4096  # values larger than this (pixel data) are skipped over, not read
 

@@ -173,7 +173,7 @@ def add_submission(archive, user_id, patient_id, study_uid, series_uid, form_nam
     definition = json.loads(form.definition)
     try:
         submission = json.loads(submission_text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise InvalidValue("invalid_form_submission", "FormSubmission is not valid JSON") from None
     if not isinstance(submission, dict):
         raise InvalidValue("invalid_form_submission", "FormSubmission must be a JSON object")
@@ -185,7 +185,9 @@ def add_submission(archive, user_id, patient_id, study_uid, series_uid, form_nam
             f"{name}: {' '.join(messages) if isinstance(messages, list) else messages}"
             for name, messages in sorted(error.messages.items())
         )
-        raise InvalidValue("invalid_form_submission", f"FormSubmission is not valid for form {form.name!r}: {problems}")
+        raise InvalidValue(
+            "invalid_form_submission", f"FormSubmission is not valid for form {form.name!r}: {problems}"
+        ) from None
     stored = json.dumps({name: value.isoformat() if isinstance(value, datetime.date) else value
                          for name, value in entry.items()})
     with write_transaction() as session:

@@ -83,7 +83,7 @@ def test_invalid_submissions_are_a_400_naming_the_field(form_api, submission, na
     assert form_api.get("patient/study/series/forms/list/", **SERIES_PARAMS).json == []
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "42", ""])
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "42", "", "[" * 100_000 + "]" * 100_000])
 def test_form_submission_must_be_a_json_object(form_api, text):
     response = submit(form_api, text)
     if text == "":
