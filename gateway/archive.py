@@ -3,7 +3,6 @@
 Every function works inside one archive (a projects.ArchiveRef); the same
 UIDs in two archives are two different objects.
 """
-import datetime
 import filecmp
 import functools
 import logging
@@ -14,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from werkzeug.utils import secure_filename
 
-from .db import db, write_transaction
+from .db import db, utcnow, write_transaction
 from .dicom_ingest import read_instance
 from .errors import Conflict, ObjectNotFound
 from .models import instances, patients, series, series_results, studies
@@ -35,9 +34,12 @@ def clean_filename(name, fallback):
     return (secure_filename(name or "") or fallback)[:255]
 
 
+# INSERT … ON CONFLICT DO NOTHING is spelled by each dialect's own insert()
+_DIALECT_INSERTS = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
+
+
 def _insert_ignoring_conflict(session, table, values):
-    dialect = session.get_bind().dialect.name
-    insert_for_dialect = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    insert_for_dialect = _DIALECT_INSERTS[session.get_bind().dialect.name]
     session.execute(insert_for_dialect(table).values(**values).on_conflict_do_nothing())
 
 
@@ -99,7 +101,7 @@ _UPLOAD_LOOKUP = (
 )
 _INSERT_INSTANCE = {
     dialect: insert_for_dialect(instances).on_conflict_do_nothing().returning(instances.c.id)
-    for dialect, insert_for_dialect in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
+    for dialect, insert_for_dialect in _DIALECT_INSERTS.items()
 }
 _INSTANCE_COLUMNS = ("archive_id", "series_pk", "sop_instance_uid", "sop_class_uid", "filename", "storage_key",
                      "size_bytes", "created_at")
@@ -114,7 +116,7 @@ _INSERT_INTO_STORED_SERIES = {
     )
     .on_conflict_do_nothing()
     .returning(instances.c.id)
-    for dialect, insert_for_dialect in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
+    for dialect, insert_for_dialect in _DIALECT_INSERTS.items()
 }
 
 
@@ -145,13 +147,12 @@ def store_instance(archive, handle, size, filename):
         "sop_uid": tags.sop_uid,
     }
     row = {
-        "series_pk": None,
         "sop_instance_uid": tags.sop_uid,
         "sop_class_uid": tags.instance["sop_class_uid"],
         "filename": clean_filename(filename, f"{tags.sop_uid}.dcm"),
         "storage_key": key,
         "size_bytes": size,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
+        "created_at": utcnow(),
     }
     try:
         files.place(handle, key)

@@ -5,11 +5,19 @@ import os
 import sys
 
 import click
+from flask import current_app
 from flask.cli import FlaskGroup, with_appcontext
 
-from . import create_app
+from . import create_app, results
+from .archive import storage
+from .auth.users import create_user, grant, set_password
 from .db import init_db, schema_exists
+from .demo import seed_demo
 from .errors import GatewayError
+from .forms import create_form
+from .models import PROJECT_KINDS, SERIES_STATUSES
+from .projects import add_member, archive_by_name, create_archive, create_project
+from .server import serve
 
 
 def _fail_on_value_error(function):
@@ -25,7 +33,6 @@ def _fail_on_value_error(function):
 
 
 def _needs_schema(function):
-
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         if not schema_exists():
@@ -78,8 +85,6 @@ def init_db_command():
 @click.option("--email", required=True)
 def user_create(username, email):
     """Create a user; the password is read as one line from standard input."""
-    from .auth.users import create_user
-
     create_user(username, email, _read_secret_line())
     click.echo(f"user {username} created")
 
@@ -88,8 +93,6 @@ def user_create(username, email):
 @click.argument("username")
 def user_set_password(username):
     """Change a user's password (one line from standard input)."""
-    from .auth.users import set_password
-
     set_password(username, _read_secret_line())
     click.echo(f"password of {username} changed")
 
@@ -99,19 +102,15 @@ def user_set_password(username):
 @click.argument("permissions", nargs=-1, required=True)
 def user_grant(username, permissions):
     """Grant api_* permissions (or 'all')."""
-    from .auth.users import grant
-
     granted = grant(username, permissions)
     click.echo(f"{username} now holds {', '.join(granted)}")
 
 
 @admin_command(project_group, "create")
 @click.argument("name")
-@click.option("--kind", type=click.Choice(["cad4tb", "retina"]), default="cad4tb", show_default=True)
+@click.option("--kind", type=click.Choice(PROJECT_KINDS), default=PROJECT_KINDS[0], show_default=True)
 def project_create(name, kind):
     """Create a project."""
-    from .projects import create_project
-
     create_project(name, kind)
     click.echo(f"project {name} ({kind}) created")
 
@@ -122,8 +121,6 @@ def project_create(name, kind):
 @click.option("--upload", is_flag=True, help="Also allow uploads to the project (upload_project).")
 def project_add_member(project, username, upload):
     """Make a user a member of a project."""
-    from .projects import add_member
-
     add_member(project, username, can_upload=upload)
     click.echo(f"{username} is a member of {project}{' with upload' if upload else ''}")
 
@@ -133,25 +130,19 @@ def project_add_member(project, username, upload):
 @click.argument("name")
 def archive_create(project, name):
     """Create an archive in a project."""
-    from .projects import create_archive
-
     create_archive(project, name)
     click.echo(f"archive {name} created in {project}")
 
 
 @admin_command(results_group, "add")
 @series_arguments
-@click.option("--type", "result_type", required=True, type=click.Choice(["cad4tb", "retina"]))
+@click.option("--type", "result_type", required=True, type=click.Choice(PROJECT_KINDS))
 @click.option("--name", required=True)
 @click.option("--algorithm", required=True)
 @click.option("--value", help="A scalar: an integer literal is stored as an int, a decimal as a float, else a string.")
 @click.option("--file", "path", type=click.Path(exists=True, dir_okay=False), help="A result file (PNG, PDF, …).")
 def results_add(project, archive, patient_id, study_uid, series_uid, result_type, name, algorithm, value, path):
     """Store (or replace) a result of a series."""
-    from . import results
-    from .archive import storage
-    from .projects import archive_by_name
-
     if (value is None) == (path is None):
         raise click.ClickException("give either --value or --file")
     target = archive_by_name(project, archive)
@@ -167,14 +158,11 @@ def results_add(project, archive, patient_id, study_uid, series_uid, result_type
 
 @admin_command(series_group, "status")
 @series_arguments
-@click.argument("status", type=click.Choice(["uploaded", "processing", "processed", "failed"]))
+@click.argument("status", type=click.Choice(SERIES_STATUSES))
 @click.option("--message", help="The status message (e.g. why processing failed).")
 def series_status(project, archive, patient_id, study_uid, series_uid, status, message):
     """Set a series' status and status message."""
-    from .projects import archive_by_name
-    from .results import set_series_status
-
-    set_series_status(archive_by_name(project, archive), patient_id, study_uid, series_uid, status, message)
+    results.set_series_status(archive_by_name(project, archive), patient_id, study_uid, series_uid, status, message)
     click.echo(f"series {series_uid} is {status}")
 
 
@@ -184,8 +172,6 @@ def series_status(project, archive, patient_id, study_uid, series_uid, status, m
 @click.option("--schema", "schema_path", required=True, type=click.Path(exists=True, dir_okay=False))
 def form_create(project, name, schema_path):
     """Create a reporting form from a JSON definition {"fields": [{name, label, type, required, choices}]}."""
-    from .forms import create_form
-
     with open(schema_path, encoding="utf-8") as source:
         definition = create_form(project, name, source.read())
     click.echo(f"form {name} created in {project} with {len(definition['fields'])} fields")
@@ -196,8 +182,6 @@ def form_create(project, name, schema_path):
 @_fail_on_value_error
 def demo_command():
     """Seed the demo data (idempotent)."""
-    from .demo import seed_demo
-
     init_db()
     for line in seed_demo():
         click.echo(line)
@@ -209,10 +193,6 @@ def demo_command():
 @with_appcontext
 def serve_command(bind, workers):
     """Serve the gateway with gunicorn."""
-    from flask import current_app
-
-    from .server import serve
-
     serve(current_app._get_current_object(), bind, workers)
 
 

@@ -40,11 +40,6 @@ class Conflict(GatewayError):
     error_type = "invalid_value"
 
 
-class TooLarge(GatewayError):
-    status = 413
-    error_type = "invalid_value"
-
-
 class MultipleObjectsFound(GatewayError):
     status = 409
     error_type = "multiple_objects_found"

@@ -6,7 +6,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from sqlalchemy import func, insert, select
 
 from .archive import find_series
-from .db import db, write_transaction
+from .db import db, utcnow, write_transaction
 from .errors import InvalidValue, MultipleObjectsFound, ObjectNotFound
 from .models import form_submissions, forms, series, users
 from .projects import project_id_of
@@ -198,7 +198,7 @@ def add_submission(archive, user_id, patient_id, study_uid, series_uid, form_nam
                 series_pk=series_row.id,
                 user_id=user_id,
                 entry=stored,
-                created_at=datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
+                created_at=utcnow(),
             )
             .returning(form_submissions.c.id)
         ).scalar_one()

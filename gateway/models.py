@@ -142,8 +142,6 @@ instances = Table(
     Index("ix_instances_series", "series_pk"),
 )
 
-RESULT_KINDS = ("int", "float", "string", "file")
-
 series_results = Table(
     "series_results",
     db.metadata,

@@ -1,5 +1,4 @@
 """Algorithm results per series (scalars or files) and the series' processing status."""
-import datetime
 import functools
 import io
 import logging
@@ -12,7 +11,7 @@ from sqlalchemy import delete, insert, select, update
 from werkzeug.utils import secure_filename
 
 from .archive import find_series, remove_files, storage
-from .db import db, write_transaction
+from .db import db, utcnow, write_transaction
 from .errors import InvalidValue, ObjectNotFound
 from .models import PROJECT_KINDS, SERIES_STATUSES, series, series_results
 from .zipstream import ZipEntry, zip_stream
@@ -77,7 +76,7 @@ def add_result(archive, patient_id, study_uid, series_uid, result_type, name, al
         "result_type": result_type,
         "name": name,
         "algorithm": algorithm,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
+        "created_at": utcnow(),
     }
     if upload is None:
         typed = typed_value(value)
@@ -200,7 +199,7 @@ def _results_zip(ordered, scalars):
         )
     if scalars:
         xml = results_xml(scalars)
-        now = datetime.datetime.now().timetuple()[:6]
+        now = utcnow().timetuple()[:6]
         entries.append(ZipEntry("results.xml", now, len(xml), functools.partial(io.BytesIO, xml)))
     return zip_stream(entries)
 

@@ -36,32 +36,19 @@ class FileStorage:
         """
         return open(self.tmp_dir / f"{uuid.uuid4().hex}.part", "xb+")
 
-    def make_durable(self, handle):
-        """Flush a finished temp file (from temp_file) to disk and close it; its name stays readable."""
+    def prepare(self, handle, key):
+        """Everything slow about placing a temp file (from temp_file) at `key`, done ahead: flush to
+        disk and close it (its name stays readable), make the folder."""
         if not handle.closed:
             handle.flush()
             os.fsync(handle.fileno())
             handle.close()
-
-    def prepare(self, handle, key):
-        """Everything slow about placing a temp file at `key`, done ahead: fsync, close, the folder."""
-        self.make_durable(handle)
         self.path(key).parent.mkdir(exist_ok=True)
 
     def place(self, handle, key):
         """Move a finished temp file to `key` atomically."""
         self.prepare(handle, key)
         os.replace(handle.name, self.path(key))
-
-    def put_bytes(self, data, key):
-        handle = self.temp_file()
-        try:
-            handle.write(data)
-            self.place(handle, key)
-        except BaseException:
-            handle.close()
-            self.discard_temp(handle.name)
-            raise
 
     @contextmanager
     def spooled(self, source):
@@ -86,7 +73,4 @@ class FileStorage:
         self.path(key).unlink(missing_ok=True)
 
     def discard_temp(self, temp_path):
-        try:
-            os.unlink(temp_path)
-        except FileNotFoundError:
-            pass
+        Path(temp_path).unlink(missing_ok=True)

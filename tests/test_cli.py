@@ -101,3 +101,25 @@ def test_demo_seeds_idempotently_and_the_readme_examples_work(app, cli):
     )
     # a retina series is named by its instance's SOPInstanceUID
     assert [item["SeriesInstanceUID"] for item in retina.json] == [demo_uid(2, 1, 1, 1, 1), demo_uid(2, 1, 1, 1, 2)]
+
+
+@pytest.mark.parametrize("setting", ["MAX_UPLOAD_MB", "CREDENTIAL_CACHE_SECONDS"])
+def test_a_setting_that_is_not_a_number_stops_the_app_with_its_name(tmp_path, setting):
+    from gateway import create_app
+
+    with pytest.raises(ValueError, match="GATEWAY_MAX_UPLOAD_MB and GATEWAY_CREDENTIAL_CACHE_SECONDS are numbers"):
+        create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'g.sqlite'}", setting: "lots"})
+
+
+def test_settings_come_from_gateway_variables(tmp_path, monkeypatch):
+    from gateway import create_app
+
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", f"sqlite:///{tmp_path / 'env.sqlite'}")
+    monkeypatch.setenv("GATEWAY_STORAGE_DIR", str(tmp_path / "files"))
+    monkeypatch.setenv("GATEWAY_MAX_UPLOAD_MB", "2")
+    monkeypatch.setenv("GATEWAY_PASSPHRASE", "1234")  # stays the text it is, not the number
+    app = create_app()
+    assert app.config["SQLALCHEMY_DATABASE_URI"].endswith("env.sqlite")
+    assert app.extensions["gateway.storage"].root == tmp_path / "files"
+    assert app.config["MAX_CONTENT_LENGTH"] == 2 * 1024 * 1024
+    assert app.config["PASSPHRASE"] == "1234"

@@ -1,10 +1,9 @@
 """Archive users: creation, permissions, and the check that every v1 call makes."""
-import datetime
 
 from flask import current_app
 from sqlalchemy import and_, bindparam, delete, exists, insert, select
 
-from ..db import db, write_transaction
+from ..db import db, utcnow, write_transaction
 from ..errors import NotAllowed, NotAuthenticated
 from ..models import archives, project_members, projects, user_permissions, users
 from .credentials import hash_password
@@ -22,7 +21,7 @@ def create_user(username, email, password):
                 username=username,
                 email=email,
                 password_hash=hash_password(password),
-                created_at=datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
+                created_at=utcnow(),
             )
         )
 
