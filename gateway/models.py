@@ -14,9 +14,11 @@ from sqlalchemy import (
     Text,
     TIMESTAMP,
     UniqueConstraint,
+    event,
 )
+from sqlalchemy.schema import DDL
 
-from .db import db
+from .db import db, schema_statements
 
 # SQLite only auto-numbers an INTEGER PRIMARY KEY (its rowid alias); PostgreSQL gets BIGINT.
 Key = BigInteger().with_variant(Integer(), "sqlite")
@@ -140,6 +142,7 @@ instances = Table(
     Column("created_at", TIMESTAMP, nullable=False),
     UniqueConstraint("archive_id", "sop_instance_uid"),
     Index("ix_instances_series", "series_pk"),
+    Index("ix_instances_sop_instance_uid", "sop_instance_uid"),
 )
 
 series_results = Table(
@@ -185,3 +188,111 @@ form_submissions = Table(
     Column("created_at", TIMESTAMP, nullable=False),
     Index("ix_form_submissions_series", "series_pk"),
 )
+
+
+concepts = Table(
+    "concepts",
+    db.metadata,
+    Column("cui", String(16), primary_key=True),
+    Column("pref", Text, nullable=False),
+)
+
+concept_types = Table(
+    "concept_types",
+    db.metadata,
+    Column("cui", String(16), ForeignKey("concepts.cui", ondelete="CASCADE"), primary_key=True),
+    Column("sty", String(100), primary_key=True),
+    Column("tui", String(8)),
+    Column("semantic_group", String(8), nullable=False),
+)
+
+concept_relations = Table(
+    "concept_relations",
+    db.metadata,
+    Column("parent_cui", String(16), primary_key=True),
+    Column("child_cui", String(16), primary_key=True),
+)
+
+concept_snomed = Table(
+    "concept_snomed",
+    db.metadata,
+    Column("snomed_id", String(18), primary_key=True),
+    Column("cui", String(16), primary_key=True),
+)
+
+mappings = Table(
+    "mappings",
+    db.metadata,
+    _id_column(),
+    Column("name", String(200), nullable=False, unique=True),
+)
+
+mapping_entries = Table(
+    "mapping_entries",
+    db.metadata,
+    Column("mapping_id", BigInteger, ForeignKey("mappings.id", ondelete="CASCADE"), primary_key=True),
+    Column("term", String(200), primary_key=True),
+    Column("cui", String(16), primary_key=True),
+)
+
+documents = Table(
+    "documents",
+    db.metadata,
+    _id_column(),
+    Column("sop_instance_uid", String(255), nullable=False, unique=True),
+    Column("series_instance_uid", String(255)),
+    Column("study_instance_uid", String(255)),
+    Column("patient_id", String(255)),
+    Column("sop_class_uid", String(255)),
+    Column("content_date", Date),
+    Column("modalities_in_study", String(255)),
+    Column("report_text", Text),
+    Column("phenotypes", Text),
+    Column("sentences", Text),
+    Column("imported_at", TIMESTAMP, nullable=False),
+    Index("ix_documents_content_date", "content_date"),
+    Index("ix_documents_series", "series_instance_uid"),
+    Index("ix_documents_study", "study_instance_uid"),
+)
+
+annotations = Table(
+    "annotations",
+    db.metadata,
+    Column("document_id", BigInteger, ForeignKey("documents.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("cui", String(16), nullable=False),
+    Column("pref", Text),
+    Column("str", Text),
+    Column("sty", String(100)),
+    Column("start_offset", Integer),
+    Column("end_offset", Integer),
+    Column("negation", String(16)),
+    Column("experiencer", String(16)),
+    Column("temporality", String(16)),
+    Column("ruled_out", Boolean, nullable=False),
+    Index("ix_annotations_concept", "cui", "ruled_out", "negation", "experiencer", "temporality", "document_id"),
+)
+
+annotation_prefs = Table(
+    "annotation_prefs",
+    db.metadata,
+    Column("pref_key", Text, primary_key=True),
+    Column("cui", String(16), primary_key=True),
+)
+
+search_transactions = Table(
+    "search_transactions",
+    db.metadata,
+    Column("id", String(36), primary_key=True),
+    Column("created_at", TIMESTAMP, nullable=False),
+    Column("client_address", String(64)),
+    Column("call", String(64), nullable=False),
+    Column("query", Text, nullable=False),
+    Column("num_results", BigInteger),
+    Index("ix_search_transactions_created", "created_at"),
+)
+
+# The full-text index differs per store (FTS5 table and triggers, or a GIN index): schema.sql holds it.
+for _dialect in ("sqlite", "postgresql"):
+    for _statement in schema_statements(_dialect, only_this_dialect=True):
+        event.listen(documents, "after_create", DDL(_statement.replace("%", "%%")).execute_if(dialect=_dialect))
