@@ -9,11 +9,9 @@ import logging
 
 from flask import current_app
 from sqlalchemy import and_, bindparam, delete, literal, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from werkzeug.utils import secure_filename
 
-from .db import db, utcnow, write_transaction
+from .db import DIALECT_INSERTS, db, utcnow, write_transaction
 from .dicom_ingest import read_instance
 from .errors import Conflict, ObjectNotFound
 from .models import instances, patients, series, series_results, studies
@@ -34,12 +32,8 @@ def clean_filename(name, fallback):
     return (secure_filename(name or "") or fallback)[:255]
 
 
-# INSERT … ON CONFLICT DO NOTHING is spelled by each dialect's own insert()
-_DIALECT_INSERTS = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
-
-
 def _insert_ignoring_conflict(session, table, values):
-    insert_for_dialect = _DIALECT_INSERTS[session.get_bind().dialect.name]
+    insert_for_dialect = DIALECT_INSERTS[session.get_bind().dialect.name]
     session.execute(insert_for_dialect(table).values(**values).on_conflict_do_nothing())
 
 
@@ -101,7 +95,7 @@ _UPLOAD_LOOKUP = (
 )
 _INSERT_INSTANCE = {
     dialect: insert_for_dialect(instances).on_conflict_do_nothing().returning(instances.c.id)
-    for dialect, insert_for_dialect in _DIALECT_INSERTS.items()
+    for dialect, insert_for_dialect in DIALECT_INSERTS.items()
 }
 _INSTANCE_COLUMNS = ("archive_id", "series_pk", "sop_instance_uid", "sop_class_uid", "filename", "storage_key",
                      "size_bytes", "created_at")
@@ -116,7 +110,7 @@ _INSERT_INTO_STORED_SERIES = {
     )
     .on_conflict_do_nothing()
     .returning(instances.c.id)
-    for dialect, insert_for_dialect in _DIALECT_INSERTS.items()
+    for dialect, insert_for_dialect in DIALECT_INSERTS.items()
 }
 
 

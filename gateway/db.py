@@ -1,11 +1,14 @@
 """The SQL store: one flask-sqlalchemy handle, connection settings per dialect, and schema creation."""
 import datetime
+import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import event, inspect
+from sqlalchemy import ARRAY, String, any_, bindparam, column, event, func, inspect, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 db = SQLAlchemy()
 
@@ -22,6 +25,26 @@ _WRITE_OPTIONS = {"sqlite": {"gateway_write": True}, "postgresql": {"isolation_l
 def utcnow():
     """The time stamps the schema keeps: UTC, without a time zone (TIMESTAMP columns)."""
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+# INSERT … ON CONFLICT DO NOTHING is spelled by each dialect's own insert()
+DIALECT_INSERTS = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
+
+
+def insert_ignoring_conflicts(table):
+    """INSERT INTO table … ON CONFLICT DO NOTHING, for the current store."""
+    return DIALECT_INSERTS[db.engine.dialect.name](table).on_conflict_do_nothing()
+
+
+def in_values(expression, values):
+    """`expression IN values` with the whole list as ONE bind parameter (a PostgreSQL array, a SQLite
+    JSON array), so that thousands of values neither hit SQLite's parameter limit nor make a new
+    statement for each list length."""
+    values = list(values)
+    if db.engine.dialect.name == "postgresql":
+        return expression == any_(bindparam(None, values, type_=ARRAY(String)))
+    json_values = select(column("value")).select_from(func.json_each(bindparam(None, json.dumps(values))))
+    return expression.in_(json_values.scalar_subquery())
 
 
 def engine_options(database_url):

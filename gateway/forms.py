@@ -10,27 +10,10 @@ from .db import db, utcnow, write_transaction
 from .errors import InvalidValue, MultipleObjectsFound, ObjectNotFound
 from .models import form_submissions, forms, series, users
 from .projects import project_id_of
+from .validation import StrictBoolean, StrictNumber
 
 FIELD_TYPES = ("string", "integer", "number", "boolean", "date", "choice")
 _DEFINITION_KEYS = {"name", "label", "type", "required", "choices"}
-
-
-class _StrictNumber(fields.Float):
-    """A JSON number: marshmallow's Float would also take "1.5" and true."""
-
-    def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.make_error("invalid")
-        return super()._deserialize(value, attr, data, **kwargs)
-
-
-class _StrictBoolean(fields.Boolean):
-    """JSON true or false only: marshmallow's Boolean would also take 1, "yes" and "on"."""
-
-    def _deserialize(self, value, attr, data, **kwargs):
-        if not isinstance(value, bool):
-            raise self.make_error("invalid", input=value)
-        return value
 
 
 def _field_for(spec):
@@ -41,9 +24,9 @@ def _field_for(spec):
     if kind == "integer":
         return fields.Integer(strict=True, **options)
     if kind == "number":
-        return _StrictNumber(allow_nan=False, **options)
+        return StrictNumber(allow_nan=False, **options)
     if kind == "boolean":
-        return _StrictBoolean(**options)
+        return StrictBoolean(**options)
     if kind == "date":
         return fields.Date(**options)
     return fields.Raw(validate=validate.OneOf(spec["choices"]), **options)

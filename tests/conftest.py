@@ -244,3 +244,62 @@ def gunicorn(tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+ANNOTATION_FIXTURES = Path(__file__).parent / "fixtures" / "annotations"
+
+# A hand-made dictionary: (cui, pref, semantic group) and (parent, child) narrower relations.
+FIXTURE_CONCEPTS = [
+    ("C0000001", "Chest", "ANAT"),
+    ("C0000002", "Chest wall", "ANAT"),
+    ("C0000003", "Lung", "ANAT"),
+    ("C0000004", "Rib", "ANAT"),
+    ("C0000005", "First rib", "ANAT"),
+    ("C0000006", "Lung apex", "ANAT"),
+    ("C0000010", "Chest pain", "DISO"),
+    ("C0000011", "Pleuritic chest pain", "DISO"),
+    ("C0000020", "Cycle A", "DISO"),
+    ("C0000021", "Cycle B", "DISO"),
+    ("C0000030", "Pneumonia", "DISO"),
+    ("C0000031", "Lung lesion", "DISO"),
+]
+FIXTURE_RELATIONS = [
+    ("C0000001", "C0000002"),
+    ("C0000001", "C0000003"),
+    ("C0000001", "C0000010"),
+    ("C0000002", "C0000004"),
+    ("C0000004", "C0000005"),
+    ("C0000010", "C0000011"),
+    ("C0000003", "C0000031"),
+    ("C0000031", "C0000006"),
+    ("C0000020", "C0000021"),
+    ("C0000021", "C0000020"),
+]
+FIXTURE_SNOMED = [("233604007", "C0000030"), ("78904004", "C0000002")]
+
+
+def load_fixture_dictionary():
+    from gateway.models import concept_relations, concept_snomed, concept_types, concepts
+
+    with db.engine.begin() as connection:
+        connection.execute(concepts.insert(), [{"cui": cui, "pref": pref} for cui, pref, _ in FIXTURE_CONCEPTS])
+        connection.execute(
+            concept_types.insert(),
+            [{"cui": cui, "sty": group.title(), "tui": None, "semantic_group": group} for cui, _, group in FIXTURE_CONCEPTS],
+        )
+        connection.execute(concept_relations.insert(), [{"parent_cui": p, "child_cui": c} for p, c in FIXTURE_RELATIONS])
+        connection.execute(concept_snomed.insert(), [{"snomed_id": s, "cui": c} for s, c in FIXTURE_SNOMED])
+
+
+@pytest.fixture
+def annotated(app):
+    """The app with the fixture dictionary and the eight fixture documents imported."""
+    from gateway.annotations.importer import import_folder
+
+    with app.app_context():
+        load_fixture_dictionary()
+        summary = import_folder(
+            ANNOTATION_FIXTURES / "nlp", ANNOTATION_FIXTURES / "text", ANNOTATION_FIXTURES / "meta"
+        )
+        assert (summary.imported, summary.replaced, summary.skipped) == (8, 0, [])
+    return app

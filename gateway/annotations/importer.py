@@ -1,0 +1,118 @@
+"""`gateway annotations import`: a folder of NLP result files, with their report texts and DICOM metadata."""
+import dataclasses
+import json
+from pathlib import Path
+
+from .store import Document, annotation_row, dicom_date, import_documents
+
+# DICOM keywords a metadata file (or the NLP file's own top level) may give, and the Document field of each.
+_METADATA_FIELDS = {
+    "SOPInstanceUID": "sop_instance_uid",
+    "SeriesInstanceUID": "series_instance_uid",
+    "StudyInstanceUID": "study_instance_uid",
+    "PatientID": "patient_id",
+    "SOPClassUID": "sop_class_uid",
+    "ContentDate": "content_date",
+    "ModalitiesInStudy": "modalities_in_study",
+}
+_MAX_METADATA_LENGTH = 255
+
+
+@dataclasses.dataclass
+class ImportSummary:
+    imported: int = 0
+    replaced: int = 0
+    skipped: list = dataclasses.field(default_factory=list)  # (file name, reason)
+
+
+def read_document(json_path, text_dir=None, meta_dir=None):
+    """The Document that one NLP result file describes; ValueError says why it cannot be imported."""
+    result = _read_json(json_path)
+    if not isinstance(result, dict):
+        raise ValueError("not a JSON object")
+    parts = {}
+    for key in ("annotations", "phenotypes", "sentences"):
+        value = result.get(key, [])
+        if not isinstance(value, list):
+            raise ValueError(f"'{key}' is not a list")
+        parts[key] = value
+    for position, annotation in enumerate(parts["annotations"]):
+        annotation_row(position, annotation)  # refuse the file before anything is stored
+
+    metadata = {keyword: result[keyword] for keyword in _METADATA_FIELDS if keyword in result}
+    if meta_dir is not None:
+        meta_path = Path(meta_dir) / (json_path.stem + ".json")
+        if meta_path.exists():
+            meta = _read_json(meta_path)
+            if not isinstance(meta, dict):
+                raise ValueError(f"{meta_path.name} is not a JSON object")
+            metadata.update({keyword: meta[keyword] for keyword in _METADATA_FIELDS if keyword in meta})
+    fields = _metadata_fields(metadata)
+    fields.setdefault("sop_instance_uid", json_path.stem)
+
+    if text_dir is not None:
+        text_path = Path(text_dir) / (json_path.stem + ".txt")
+        if not text_path.exists():
+            raise ValueError(f"no {text_path.name} in the text folder")
+        try:
+            fields["report_text"] = text_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{text_path.name} is not UTF-8 text") from None
+    return Document(**parts, **fields)
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{Path(path).name} is not JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{Path(path).name} is nested too deeply") from None
+
+
+def _metadata_fields(metadata):
+    fields = {}
+    for keyword, value in metadata.items():
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"{keyword} is not a string")
+        if len(value) > _MAX_METADATA_LENGTH:
+            raise ValueError(f"{keyword} is longer than {_MAX_METADATA_LENGTH} characters")
+        fields[_METADATA_FIELDS[keyword]] = dicom_date(value) if keyword == "ContentDate" else value
+    return fields
+
+
+def import_folder(json_dir, text_dir=None, meta_dir=None, batch_size=500, progress=None):
+    """Import every *.json of json_dir; a bad file is reported in the summary and skipped.
+
+    progress: called with the number of files handled since its last call.
+    """
+    for folder in (json_dir, text_dir, meta_dir):
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"{folder} is not a folder")
+    summary = ImportSummary()
+    batch, handled = [], 0
+    for json_path in sorted(Path(json_dir).glob("*.json")):
+        try:
+            batch.append(read_document(json_path, text_dir, meta_dir))
+        except (OSError, ValueError) as error:
+            summary.skipped.append((json_path.name, str(error)))
+        handled += 1
+        if len(batch) >= batch_size:
+            _import_batch(batch, summary)
+            batch = []
+            if progress:
+                progress(handled)
+                handled = 0
+    if batch:
+        _import_batch(batch, summary)
+    if progress and handled:
+        progress(handled)
+    return summary
+
+
+def _import_batch(batch, summary):
+    imported, replaced = import_documents(batch)
+    summary.imported += imported
+    summary.replaced += replaced

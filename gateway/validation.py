@@ -1,0 +1,35 @@
+"""marshmallow fields that take JSON values as they are, and readable messages from its errors."""
+from marshmallow import fields
+
+
+class StrictNumber(fields.Float):
+    """A JSON number: marshmallow's Float would also take "1.5" and true."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class StrictBoolean(fields.Boolean):
+    """JSON true or false only: marshmallow's Boolean would also take 1, "yes" and "on"."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
+def error_lines(messages, path=""):
+    """marshmallow's nested error messages as lines that name where each is: `terms[0].negation: …`."""
+    if isinstance(messages, list):
+        yield f"{path or 'query'}: {' '.join(str(message) for message in messages)}"
+        return
+    for key, value in messages.items():
+        if key == "_schema":
+            where = path
+        elif isinstance(key, int):
+            where = f"{path}[{key}]"
+        else:
+            where = f"{path}.{key}" if path else str(key)
+        yield from error_lines(value, where)
