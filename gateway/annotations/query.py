@@ -30,9 +30,8 @@ from ..errors import InvalidValue
 from ..models import annotation_prefs, annotations, concept_relations, concept_snomed, concept_types, concepts, documents
 from ..validation import StrictBoolean, error_lines
 from . import mappings
-from .store import EXPERIENCERS, METADATA_COLUMNS, NEGATIONS, TEMPORALITIES, canonical_qualifier
+from .store import CUI_PATTERN, EXPERIENCERS, METADATA_COLUMNS, NEGATIONS, TEMPORALITIES
 
-CUI_PATTERN = re.compile(r"[Cc]\d{1,15}")
 SNOMED_PATTERN = re.compile(r"\d{1,18}")
 MAX_ITEMS = 1_000
 MAX_UIDS = 10_000
@@ -258,7 +257,7 @@ class _Matcher:
                     annotations.c.cui.in_(named_cuis), func.lower(annotations.c.pref) == func.lower(text), *conditions
                 )
             )
-        return union(*parts) if len(parts) > 1 else parts[0]
+        return _plain(union(*parts)) if len(parts) > 1 else parts[0]
 
 
 class _Resolver:
@@ -306,11 +305,16 @@ class _Resolver:
         return self._mappings[name]
 
 
+def _plain(compound):
+    """A compound SELECT as a plain SELECT of its rows: SQLite refuses a compound nested in another."""
+    return select(compound.subquery().c[0])
+
+
 def _combine(included, excluded):
     """SELECT of the ids of documents in every one of the `included` SELECTs and in none of `excluded`."""
-    matched = intersect(*included) if len(included) > 1 else included[0]
+    matched = _plain(intersect(*included)) if len(included) > 1 else included[0]
     if excluded:
-        matched = except_(matched, union(*excluded) if len(excluded) > 1 else excluded[0])
+        matched = except_(matched, _plain(union(*excluded)) if len(excluded) > 1 else excluded[0])
     return matched
 
 

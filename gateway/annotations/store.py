@@ -2,12 +2,16 @@
 import dataclasses
 import datetime
 import json
+import re
+import operator
 
-from sqlalchemy import bindparam, delete, func, insert, select
+from sqlalchemy import delete, func, insert, select
 
-from ..db import db, in_values, insert_ignoring_conflicts, utcnow, write_transaction
+from ..db import bulk_insert, db, in_values, insert_ignoring_conflicts, utcnow, write_transaction
 from ..errors import InvalidValue, ObjectNotFound
 from ..models import annotation_prefs, annotations, documents, instances
+
+CUI_PATTERN = re.compile(r"[Cc]\d{1,15}")
 
 # Qualifier values as SemEHR writes them; matching ignores case, so imports store this spelling.
 NEGATIONS = ("Affirmed", "Negated")
@@ -28,7 +32,10 @@ METADATA_COLUMNS = {
     "ContentDate": documents.c.content_date,
     "ModalitiesInStudy": documents.c.modalities_in_study,
 }
-_ANNOTATION_TEXT_FIELDS = ("cui", "pref", "str", "sty", "negation", "experiencer", "temporality")
+_ANNOTATION_TEXT_LIMITS = {  # TEXT columns: a bound all the same, against runaway NLP output
+    field: annotations.c[field].type.length or 10_000
+    for field in ("cui", "pref", "str", "sty", "negation", "experiencer", "temporality")
+}
 
 
 @dataclasses.dataclass
@@ -36,7 +43,7 @@ class Document:
     """One report: its DICOM metadata, text and the NLP result for it."""
 
     sop_instance_uid: str
-    annotations: list
+    annotations: list  # the NLP annotation objects; checked and made rows when the Document is made
     phenotypes: list = dataclasses.field(default_factory=list)
     sentences: list = dataclasses.field(default_factory=list)
     report_text: str = None
@@ -47,12 +54,8 @@ class Document:
     content_date: datetime.date = None
     modalities_in_study: str = None
 
-
-def canonical_qualifier(value):
-    """A qualifier in the spelling the store keeps (unknown values are kept as written)."""
-    if value is None:
-        return None
-    return _CANONICAL.get(value.lower(), value)
+    def __post_init__(self):
+        self.annotation_rows = annotation_rows(self.annotations)
 
 
 def dicom_date(value):
@@ -68,32 +71,79 @@ def _not_a_date(value):
     raise ValueError(f"ContentDate {value!r} is not a DICOM date (YYYYMMDD)")
 
 
-def annotation_row(position, annotation):
-    """The row of one NLP annotation; ValueError names what is wrong with it."""
-    if not isinstance(annotation, dict):
-        raise ValueError(f"annotation {position} is not an object")
-    row = {"position": position}
-    for field in _ANNOTATION_TEXT_FIELDS:
-        value = annotation.get(field)
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"annotation {position}: '{field}' is not a string")
-        row[field] = value
-    if not row["cui"]:
-        raise ValueError(f"annotation {position} has no 'cui'")
-    if len(row["cui"]) > 16:
-        raise ValueError(f"annotation {position}: cui {row['cui'][:20]!r}… is longer than 16 characters")
-    for field, column in (("start", "start_offset"), ("end", "end_offset")):
-        value = annotation.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"annotation {position}: '{field}' is not an integer")
-        row[column] = value
-    for field in ("negation", "experiencer", "temporality"):
-        row[field] = canonical_qualifier(row[field])
-    ruled_by = annotation.get("ruled_by") or []
-    if not isinstance(ruled_by, list):
-        raise ValueError(f"annotation {position}: 'ruled_by' is not a list")
-    row["ruled_out"] = any(rule in RULED_OUT_BY for rule in ruled_by)
-    return row
+def storable_text(value, what, limit=None):
+    """value, if it is text that both stores keep as it is; else ValueError naming `what`.
+
+    A value either store would refuse must fail here, before its batch: a database error would
+    abort the whole import instead of skipping one file.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is not a string")
+    if limit is not None and len(value) > limit:
+        raise ValueError(f"{what} is longer than {limit} characters")
+    if "\x00" in value:
+        raise ValueError(f"{what} holds a NUL character")  # PostgreSQL text cannot
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _encodes(value):
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def annotation_rows(nlp_annotations):
+    """The annotation rows of one document, (position, cui, …, ruled_out) in _ANNOTATION_COLUMNS order
+    after document_id; ValueError names the first annotation that cannot be stored."""
+    rows = []
+    for position, annotation in enumerate(nlp_annotations):
+        if type(annotation) is not dict:
+            raise ValueError(f"annotation {position} is not an object")
+        get = annotation.get
+        texts = tuple(map(get, _ANNOTATION_TEXT_LIMITS))
+        for value, (field, limit) in zip(texts, _ANNOTATION_TEXT_LIMITS.items()):
+            # storable_text's common case, inline; ASCII text cannot hold a lone surrogate
+            if value is not None and not (
+                type(value) is str and len(value) <= limit and "\x00" not in value and (value.isascii() or _encodes(value))
+            ):
+                storable_text(value, f"annotation {position}: '{field}'", limit)  # raises, saying why
+        cui, pref, text, sty, negation, experiencer, temporality = texts
+        if not cui:
+            raise ValueError(f"annotation {position} has no 'cui'")
+        start, end = get("start"), get("end")
+        for field, value in (("start", start), ("end", end)):
+            if value is not None and type(value) is not int:
+                raise ValueError(f"annotation {position}: '{field}' is not an integer")
+        ruled_by = get("ruled_by") or []
+        if type(ruled_by) is not list:
+            raise ValueError(f"annotation {position}: 'ruled_by' is not a list")
+        rows.append(
+            (
+                position, cui, pref, text, sty, start, end,
+                _CANONICAL.get(negation.lower(), negation) if negation else negation,
+                _CANONICAL.get(experiencer.lower(), experiencer) if experiencer else experiencer,
+                _CANONICAL.get(temporality.lower(), temporality) if temporality else temporality,
+                any(rule in RULED_OUT_BY for rule in ruled_by),
+            )  # fmt: skip
+        )
+    return rows
+
+
+_DOCUMENT_COLUMNS = (
+    "id", "sop_instance_uid", "series_instance_uid", "study_instance_uid", "patient_id", "sop_class_uid",
+    "content_date", "modalities_in_study", "report_text", "phenotypes", "sentences", "imported_at",
+)  # fmt: skip
+_ANNOTATION_COLUMNS = (
+    "document_id", "position", "cui", "pref", "str", "sty", "start_offset", "end_offset",
+    "negation", "experiencer", "temporality", "ruled_out",
+)  # fmt: skip
+_BY_CUI = operator.itemgetter(_ANNOTATION_COLUMNS.index("cui"))
 
 
 def import_documents(batch):
@@ -103,7 +153,6 @@ def import_documents(batch):
     document twice in the batch counts as replaced once).
     """
     latest = {document.sop_instance_uid: document for document in batch}
-    annotation_rows = {uid: [annotation_row(i, a) for i, a in enumerate(doc.annotations)] for uid, doc in latest.items()}
     now = utcnow()
     with write_transaction() as session:
         earlier = len(
@@ -111,36 +160,52 @@ def import_documents(batch):
                 delete(documents).where(in_values(documents.c.sop_instance_uid, latest)).returning(documents.c.id)
             ).all()
         )
-        document_ids = dict(
-            session.execute(
-                insert(documents).returning(documents.c.sop_instance_uid, documents.c.id, sort_by_parameter_order=True),
-                [_document_row(document, now) for document in latest.values()],
-            ).all()
+        document_ids = dict(zip(latest, _new_document_ids(session, len(latest))))
+        bulk_insert(
+            session,
+            documents,
+            _DOCUMENT_COLUMNS,
+            ((document_ids[uid], *_document_values(document), now) for uid, document in latest.items()),
         )
-        rows = [
-            {**row, "document_id": document_ids[uid]} for uid, uid_rows in annotation_rows.items() for row in uid_rows
-        ]
-        if rows:
-            session.execute(insert(annotations), rows)
-            _remember_prefs(session, rows)
+        bulk_insert(
+            session,
+            annotations,
+            _ANNOTATION_COLUMNS,
+            # in CUI order: consecutive rows then fall on the same pages of the concept index
+            sorted(
+                ((document_ids[uid], *row) for uid, document in latest.items() for row in document.annotation_rows),
+                key=_BY_CUI,
+            ),
+        )
+        _remember_prefs(session, list(document_ids.values()))
     return len(latest) - earlier, earlier + len(batch) - len(latest)
 
 
-def _document_row(document, imported_at):
-    row = dataclasses.asdict(document)
-    del row["annotations"]
-    row["phenotypes"] = json.dumps(document.phenotypes)
-    row["sentences"] = json.dumps(document.sentences)
-    row["imported_at"] = imported_at
-    return row
+def _new_document_ids(session, count):
+    """Ids for `count` new documents, taken before they are written so that rows go in by COPY."""
+    if session.get_bind().dialect.name == "postgresql":
+        sequence = func.pg_get_serial_sequence("documents", "id")
+        return session.execute(select(func.nextval(sequence)).select_from(func.generate_series(1, count))).scalars().all()
+    # SQLite: the write transaction holds the database's lock, so nobody else takes these.
+    highest = session.execute(select(func.coalesce(func.max(documents.c.id), 0))).scalar_one()
+    return range(highest + 1, highest + 1 + count)
 
 
-def _remember_prefs(session, rows):
-    pairs = {(row["pref"], row["cui"]) for row in rows if row["pref"]}
-    statement = insert_ignoring_conflicts(annotation_prefs).values(
-        pref_key=func.lower(bindparam("pref")), cui=bindparam("cui")
+def _document_values(document):
+    """The values of _DOCUMENT_COLUMNS between id and imported_at."""
+    return (
+        document.sop_instance_uid, document.series_instance_uid, document.study_instance_uid,
+        document.patient_id, document.sop_class_uid, document.content_date, document.modalities_in_study,
+        document.report_text, json.dumps(document.phenotypes), json.dumps(document.sentences),
+    )  # fmt: skip
+
+
+def _remember_prefs(session, document_ids):
+    """Record the (lower-cased preferred name, CUI) pairs of these documents' annotations."""
+    named = select(func.lower(annotations.c.pref), annotations.c.cui).where(
+        in_values(annotations.c.document_id, document_ids), annotations.c.pref.is_not(None)
     )
-    session.execute(statement, [{"pref": pref, "cui": cui} for pref, cui in pairs])
+    session.execute(insert_ignoring_conflicts(annotation_prefs).from_select(["pref_key", "cui"], named.distinct()))
 
 
 def delete_document(sop_instance_uid):

@@ -1,0 +1,347 @@
+"""Import rate and query latency of the annotation store on a generated corpus.
+
+    .venv/bin/python bench/annotations.py --store sqlite
+    .venv/bin/python bench/annotations.py --store postgresql
+    .venv/bin/python bench/annotations.py --store sqlite --docs 100000    # a quicker, smaller run
+
+The corpus: a dictionary of --concepts concepts in a hierarchy (mostly a 4-way tree of one semantic
+group per branch, some concepts with a second parent, one cycle), --docs documents of 20 annotations
+each, CUIs drawn Zipf-like (s=1) over the concepts in a shuffled order, mixed qualifiers, 2% ruled out,
+ContentDates over 20 years, ModalitiesInStudy from common combinations, a report text of 40 words.
+
+Measured: documents/s of gateway.annotations.store.import_documents in batches (the CLI's path without
+reading files), and of `import_folder` on 20,000 JSON files (the whole CLI path); then, in a separate
+process that does nothing else, p50/p95 of each query run 30 times, and that process's peak RSS.
+Everything runs in a throwaway database (and folder) that is removed at the end.
+"""
+import argparse
+import datetime
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy
+import sqlalchemy
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # runnable from a checkout that is not pip-installed
+
+from gateway import create_app  # noqa: E402
+from gateway.annotations.importer import import_folder  # noqa: E402
+from gateway.annotations.query import parse_query, search_annotations, search_documents  # noqa: E402
+from gateway.annotations.store import Document, import_documents  # noqa: E402
+from gateway.db import db, init_db  # noqa: E402
+from gateway.models import concept_relations, concept_types, concepts  # noqa: E402
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+GROUPS = ("ANAT", "DISO", "PROC", "CHEM", "PHYS", "CONC")
+MODALITIES = ("CT", "MR", "CR", "DX", "US", "CT\\SR", "MR\\SR", "CR\\DX", "PT\\CT", "MG", "NM", "XA")
+QUALIFIERS = {
+    "negation": (("Affirmed", "Negated"), (0.8, 0.2)),
+    "experiencer": (("Patient", "Other"), (0.95, 0.05)),
+    "temporality": (("Recent", "historical", "hypothetical"), (0.85, 0.1, 0.05)),
+}
+TARGETS = {  # figure: (target, higher is better)
+    "import docs/s": (3000, True),
+    "single CUI p50 ms": (100, False),
+    "single CUI p95 ms": (300, False),
+    "qualifiers p50 ms": (150, False),
+    "free text p50 ms": (200, False),
+    "search_docs p50 ms": (200, False),
+    "query process peak RSS MB": (500, False),
+}
+ANNOTATIONS_PER_DOC = 20
+WORDS_PER_TEXT = 40
+BATCH = 1000
+QUERY_RUNS = 30
+FOLDER_DOCS = 20_000
+EPOCH = datetime.date(2005, 1, 1)
+
+
+class Corpus:
+    """The generated dictionary and the draws that documents are made of (numpy, seeded)."""
+
+    def __init__(self, concept_count, seed=7):
+        self.rng = numpy.random.default_rng(seed)
+        self.count = concept_count
+        self.cuis = [f"C{index + 1:07d}" for index in range(concept_count)]
+        self.vocabulary = [f"w{index}" for index in range(5000)]
+        self.prefs = [f"{self._word()} {self._word()} {index}" for index in range(concept_count)]
+        # A 4-way tree: concept i's parent is (i - 1) // 4; a branch keeps its semantic group mostly.
+        self.parents = {index: [(index - 1) // 4] for index in range(1, concept_count)}
+        self.group = [0] * concept_count
+        for index in range(1, concept_count):
+            parent_group = self.group[(index - 1) // 4]
+            self.group[index] = parent_group if self.rng.random() < 0.95 else int(self.rng.integers(len(GROUPS)))
+        for index in self.rng.choice(numpy.arange(100, concept_count), concept_count // 20, replace=False):
+            self.parents[int(index)].append(int(self.rng.integers(1, index)))  # a second parent, earlier
+        self.parents[7] = self.parents.get(7, []) + [concept_count - 1]  # one cycle through the deepest level
+        ranks = self.rng.permutation(concept_count)
+        weights = 1.0 / (ranks + 1.0)
+        self.probability = weights / weights.sum()
+        self.word_probability = 1.0 / numpy.arange(1, len(self.vocabulary) + 1)
+        self.word_probability /= self.word_probability.sum()
+
+    def _word(self):
+        return self.vocabulary[int(self.rng.integers(len(self.vocabulary)))]
+
+    def children(self):
+        children = {}
+        for child, parents in self.parents.items():
+            for parent in parents:
+                children.setdefault(parent, []).append(child)
+        return children
+
+    def subtree(self, root, children):
+        found, frontier = {root}, [root]
+        while frontier:
+            frontier = [child for node in frontier for child in children.get(node, ()) if child not in found]
+            found.update(frontier)
+        return found
+
+    def pick_query_concept(self, doc_count, wanted_concepts=1000, wanted_docs=20_000):
+        """The concept whose expansion is near `wanted_concepts` and whose documents are near `wanted_docs`."""
+        children = self.children()
+        best = None
+        for root in range(1, min(self.count, 2000)):
+            tree = self.subtree(root, children)
+            if not 0.6 * wanted_concepts <= len(tree) <= 1.6 * wanted_concepts:
+                continue
+            mass = sum(self.probability[node] for node in tree if self.group[node] == self.group[root])
+            expected_docs = doc_count * (1 - (1 - mass) ** ANNOTATIONS_PER_DOC)
+            score = abs(numpy.log(expected_docs / wanted_docs)) + abs(numpy.log(len(tree) / wanted_concepts))
+            if best is None or score < best[0]:
+                best = (score, root, len(tree), expected_docs)
+        return best[1:]
+
+    def documents(self, first, count):
+        """The fields of documents first … first+count-1 (a batch), with their annotations."""
+        draws = self.rng.choice(self.count, size=(count, ANNOTATIONS_PER_DOC), p=self.probability)
+        qualifiers = {
+            name: self.rng.choice(len(values), size=(count, ANNOTATIONS_PER_DOC), p=weights)
+            for name, (values, weights) in QUALIFIERS.items()
+        }
+        ruled = self.rng.random((count, ANNOTATIONS_PER_DOC)) < 0.02
+        days = self.rng.integers(0, 20 * 365, size=count)
+        modality = self.rng.integers(len(MODALITIES), size=count)
+        words = self.rng.choice(len(self.vocabulary), size=(count, WORDS_PER_TEXT), p=self.word_probability)
+        batch = []
+        for row in range(count):
+            number = first + row
+            annotations = []
+            for column in range(ANNOTATIONS_PER_DOC):
+                concept = int(draws[row, column])
+                annotations.append(
+                    {
+                        "cui": self.cuis[concept],
+                        "pref": self.prefs[concept],
+                        "str": self.prefs[concept].lower(),
+                        "sty": GROUPS[self.group[concept]],
+                        "start": column * 10,
+                        "end": column * 10 + 8,
+                        **{name: QUALIFIERS[name][0][qualifiers[name][row, column]] for name in QUALIFIERS},
+                        "ruled_by": ["not_mention_filters.json"] if ruled[row, column] else [],
+                    }
+                )
+            batch.append(
+                dict(
+                    sop_instance_uid=f"2.25.9.{number}",
+                    series_instance_uid=f"2.25.8.{number // 3}",
+                    study_instance_uid=f"2.25.7.{number // 3}",
+                    patient_id=f"P{number // 10}",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.88.11",
+                    content_date=EPOCH + datetime.timedelta(days=int(days[row])),
+                    modalities_in_study=MODALITIES[modality[row]],
+                    report_text=" ".join(self.vocabulary[word] for word in words[row]),
+                    annotations=annotations,
+                    sentences=[{"start": 0, "end": 100}],
+                )
+            )
+        return batch
+
+
+def load_dictionary(corpus):
+    rows = [{"cui": cui, "pref": pref} for cui, pref in zip(corpus.cuis, corpus.prefs)]
+    types = [
+        {"cui": cui, "sty": GROUPS[group].title(), "tui": None, "semantic_group": GROUPS[group]}
+        for cui, group in zip(corpus.cuis, corpus.group)
+    ]
+    relations = [
+        {"parent_cui": corpus.cuis[parent], "child_cui": corpus.cuis[child]}
+        for child, parents in corpus.parents.items()
+        for parent in set(parents)
+    ]
+    with db.engine.begin() as connection:
+        connection.execute(concepts.insert(), rows)
+        connection.execute(concept_types.insert(), types)
+        connection.execute(concept_relations.insert(), relations)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def import_corpus(corpus, doc_count):
+    spent, done = 0.0, 0
+    for first in range(0, doc_count, BATCH):
+        fields = corpus.documents(first, min(BATCH, doc_count - first))
+        started = time.perf_counter()
+        batch = [Document(**document) for document in fields]  # checks each annotation, as the importer does
+        import_documents(batch)
+        spent += time.perf_counter() - started
+        done += len(batch)
+        if done % 100_000 == 0 or done == doc_count:
+            print(f"  {done:>9,} documents, {done / spent:,.0f} docs/s so far", flush=True)
+    return doc_count / spent
+
+
+def import_json_folder(corpus, folder, first):
+    for subfolder in ("nlp", "text", "meta"):
+        (folder / subfolder).mkdir(parents=True)
+    for start in range(0, FOLDER_DOCS, BATCH):
+        for document in map(lambda fields: Document(**fields), corpus.documents(first + start, BATCH)):
+            stem = document.sop_instance_uid
+            (folder / "nlp" / f"{stem}.json").write_text(
+                json.dumps({"annotations": document.annotations, "sentences": document.sentences, "phenotypes": []})
+            )
+            (folder / "text" / f"{stem}.txt").write_text(document.report_text)
+            meta = {
+                "SOPInstanceUID": stem,
+                "SeriesInstanceUID": document.series_instance_uid,
+                "StudyInstanceUID": document.study_instance_uid,
+                "PatientID": document.patient_id,
+                "ContentDate": document.content_date.strftime("%Y%m%d"),
+                "ModalitiesInStudy": document.modalities_in_study,
+            }
+            (folder / "meta" / f"{stem}.json").write_text(json.dumps(meta))
+    started = time.perf_counter()
+    summary = import_folder(folder / "nlp", folder / "text", folder / "meta", batch_size=BATCH)
+    elapsed = time.perf_counter() - started
+    assert summary.imported == FOLDER_DOCS and not summary.skipped, summary
+    return FOLDER_DOCS / elapsed
+
+
+def analyse(database_url):
+    engine = sqlalchemy.create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.exec_driver_sql("VACUUM ANALYZE" if engine.dialect.name == "postgresql" else "ANALYZE")
+    engine.dispose()
+
+
+def run_queries(database_url, queries):
+    """Child process: each query QUERY_RUNS times after one warm-up; prints JSON figures."""
+    app = create_app({"DATABASE_URL": database_url, "STORAGE_DIR": tempfile.mkdtemp()})
+    figures = {}
+    with app.app_context():
+        for name, (kind, query_json) in queries.items():
+            search = search_documents if kind == "fulltext" else search_annotations
+            count = len(search(parse_query(query_json)).all())
+            times = []
+            for _ in range(QUERY_RUNS):
+                started = time.perf_counter()
+                results = search(parse_query(query_json)).all()
+                times.append((time.perf_counter() - started) * 1000)
+                db.session.rollback()
+                assert len(results) == count
+            times.sort()
+            figures[name] = {"results": count, "p50": statistics.median(times), "p95": times[int(0.95 * len(times)) - 1]}
+    figures["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(figures))
+
+
+def make_database(store, workdir):
+    if store == "sqlite":
+        return f"sqlite:///{workdir / 'bench.sqlite'}", lambda: None
+    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"gateway_bench_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+
+    def drop():
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+    return sqlalchemy.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False), drop
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), required=True)
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    parser.add_argument("--concepts", type=int, default=100_000)
+    parser.add_argument("--queries-only", metavar="DATABASE_URL", help=argparse.SUPPRESS)
+    parser.add_argument("--queries", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.queries_only:
+        run_queries(arguments.queries_only, json.loads(arguments.queries))
+        return
+
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    database_url, drop_database = make_database(arguments.store, workdir)
+    try:
+        app = create_app({"DATABASE_URL": database_url, "STORAGE_DIR": str(workdir / "storage")})
+        corpus = Corpus(arguments.concepts)
+        root, tree_size, expected_docs = corpus.pick_query_concept(arguments.docs, wanted_docs=arguments.docs // 50)
+        with app.app_context():
+            init_db()
+            load_dictionary(corpus)
+            print(f"{arguments.store}: importing {arguments.docs:,} documents × {ANNOTATIONS_PER_DOC} annotations")
+            import_rate = import_corpus(corpus, arguments.docs)
+            folder_rate = import_json_folder(corpus, workdir / "folder", arguments.docs)
+            import_rss = peak_rss_mb()
+            db.engine.dispose()
+        analyse(database_url)
+
+        cui = corpus.cuis[root]
+        middle_concept = int(numpy.argsort(corpus.probability)[-300])  # a common concept, not the commonest
+        queries = {
+            "single CUI": ("annotations", {"terms": [{"q": cui}]}),
+            "qualifiers": (
+                "annotations",
+                {
+                    "terms": [{"q": cui, "negation": "Affirmed", "temporality": ["Recent"]}],
+                    "filter": {"start_date": "2010-01-01", "end_date": "2019-12-31", "modalities": ["CT", "MR"]},
+                },
+            ),
+            "free text": ("annotations", {"terms": [{"q": corpus.prefs[middle_concept].upper()}]}),
+            "search_docs": ("fulltext", {"terms": [{"q": "w30 w40"}]}),
+        }
+        child = subprocess.run(
+            [sys.executable, __file__, "--store", arguments.store, "--queries-only", database_url,
+             "--queries", json.dumps(queries)],
+            check=True, capture_output=True, text=True,
+        )
+        figures = json.loads(child.stdout.strip().splitlines()[-1])
+        report(arguments, cui, tree_size, expected_docs, import_rate, folder_rate, import_rss, figures)
+    finally:
+        drop_database()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(arguments, cui, tree_size, expected_docs, import_rate, folder_rate, import_rss, figures):
+    print(f"\n{arguments.store}, {arguments.docs:,} documents, {arguments.concepts:,} concepts, {os.cpu_count()} CPUs")
+    print(f"  query concept {cui}: about {tree_size} concepts below it, about {expected_docs:,.0f} documents")
+    print(f"  import_folder on {FOLDER_DOCS:,} JSON files (+ text + meta): {folder_rate:,.0f} docs/s; importer peak RSS {import_rss:,.0f} MB")
+    measured = {"import docs/s": import_rate, "query process peak RSS MB": figures.pop("peak_rss_mb")}
+    for name, figure in figures.items():
+        print(f"  {name}: {figure['results']:,} results, p50 {figure['p50']:.1f} ms, p95 {figure['p95']:.1f} ms")
+        measured[f"{name} p50 ms"] = figure["p50"]
+        measured[f"{name} p95 ms"] = figure["p95"]
+    print()
+    for name, (target, higher_is_better) in TARGETS.items():
+        value = measured[name]
+        met = value >= target if higher_is_better else value <= target
+        print(f"  {name:<28} {value:>10,.1f}   target {'≥' if higher_is_better else '≤'} {target:,}   {'met' if met else 'NOT MET'}")
+
+
+if __name__ == "__main__":
+    main()
