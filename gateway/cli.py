@@ -3,12 +3,14 @@ import functools
 import json
 import os
 import sys
+from contextlib import contextmanager
 
 import click
 from flask import current_app
 from flask.cli import FlaskGroup, with_appcontext
 
 from . import create_app, results
+from .annotations.dictionary import DEFAULT_SOURCES, load_sample, load_semehr_csv, load_umls
 from .archive import storage
 from .auth.users import create_user, grant, set_password
 from .db import init_db, schema_exists
@@ -64,6 +66,7 @@ archive_group = click.Group("archive", help="Archives of a project.")
 results_group = click.Group("results", help="Algorithm results of a series.")
 series_group = click.Group("series", help="Series status, for algorithm runners.")
 form_group = click.Group("form", help="Reporting forms of a project.")
+concepts_group = click.Group("concepts", help="The concept dictionary that expands annotation queries.")
 SERIES_ARGUMENTS = ("project", "archive", "patient_id", "study_uid", "series_uid")
 
 
@@ -177,6 +180,44 @@ def form_create(project, name, schema_path):
     click.echo(f"form {name} created in {project} with {len(definition['fields'])} fields")
 
 
+@contextmanager
+def _progress_bar(label):
+    """A progress bar on standard error for a loader that reports (bytes read, bytes in all)."""
+    with click.progressbar(length=1, label=label, file=sys.stderr) as bar:
+
+        def report(done, total):
+            bar.length = total  # known only once the loader has found its files
+            bar.update(done - bar.pos)
+
+        yield report
+
+
+@admin_command(concepts_group, "load")
+@click.option("--umls-dir", type=click.Path(file_okay=False), help="UMLS files MRCONSO.RRF, MRSTY.RRF, MRREL.RRF.")
+@click.option("--sources", help="With --umls-dir: the sources (SAB) whose narrower relations are kept, comma-separated"
+              f"  [default: {','.join(DEFAULT_SOURCES)}]")
+@click.option("--semehr-csv-dir", type=click.Path(file_okay=False),
+              help="cui.csv, rel.csv, snomed.csv, sty.csv of a SemEHR deployment.")
+@click.option("--sample", is_flag=True, help="The built-in radiology sample.")
+def concepts_load(umls_dir, sources, semehr_csv_dir, sample):
+    """Replace the concept dictionary with the files of one source."""
+    if (umls_dir is not None) + (semehr_csv_dir is not None) + sample != 1:
+        raise click.ClickException("give exactly one of --umls-dir, --semehr-csv-dir and --sample")
+    if sources is not None and umls_dir is None:
+        raise click.ClickException("--sources goes with --umls-dir")
+    source_list = DEFAULT_SOURCES if sources is None else tuple(filter(None, (s.strip() for s in sources.split(","))))
+    if not source_list:
+        raise click.ClickException("--sources names no source")
+    with _progress_bar("Loading the concept dictionary") as progress:
+        if umls_dir is not None:
+            summary = load_umls(umls_dir, source_list, progress)
+        elif semehr_csv_dir is not None:
+            summary = load_semehr_csv(semehr_csv_dir, progress)
+        else:
+            summary = load_sample(progress)
+    click.echo(f"concept dictionary loaded: {summary}")
+
+
 @click.command("demo")
 @with_appcontext
 @_fail_on_value_error
@@ -205,6 +246,7 @@ def register_commands(app):
         results_group,
         series_group,
         form_group,
+        concepts_group,
         demo_command,
         serve_command,
     ):
