@@ -4,6 +4,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 from flask import current_app
@@ -11,6 +12,8 @@ from flask.cli import FlaskGroup, with_appcontext
 
 from . import create_app, results
 from .annotations.dictionary import DEFAULT_SOURCES, load_sample, load_semehr_csv, load_umls
+from .annotations.importer import import_folder
+from .annotations.mappings import load_mappings
 from .archive import storage
 from .auth.users import create_user, grant, set_password
 from .db import init_db, schema_exists
@@ -67,6 +70,8 @@ results_group = click.Group("results", help="Algorithm results of a series.")
 series_group = click.Group("series", help="Series status, for algorithm runners.")
 form_group = click.Group("form", help="Reporting forms of a project.")
 concepts_group = click.Group("concepts", help="The concept dictionary that expands annotation queries.")
+mappings_group = click.Group("mappings", help="Named mappings of terms to CUIs, for the annotation API.")
+annotations_group = click.Group("annotations", help="The annotation store: NLP results of report documents.")
 SERIES_ARGUMENTS = ("project", "archive", "patient_id", "study_uid", "series_uid")
 
 
@@ -180,6 +185,47 @@ def form_create(project, name, schema_path):
     click.echo(f"form {name} created in {project} with {len(definition['fields'])} fields")
 
 
+@admin_command(mappings_group, "load")
+@click.argument("directory", type=click.Path(file_okay=False))
+def mappings_load(directory):
+    """Store every *.json of DIRECTORY as a mapping named by its file stem, replacing one of that name.
+
+    A file is {term: [CUI or "CUI<tab>PREF<tab>STY", ...]}. Every file is read first: one bad file stores none.
+    """
+    for name, term_count in load_mappings(directory).items():
+        click.echo(f"{name}: {term_count} terms")
+
+
+FOLDER = click.Path(exists=True, file_okay=False)
+
+
+@admin_command(annotations_group, "import")
+@click.option("--json-dir", required=True, type=FOLDER, help="NLP result files, *.json.")
+@click.option("--text-dir", type=FOLDER, help="Report texts: the same stem as the NLP file, .txt.")
+@click.option("--meta-dir", type=FOLDER, help="DICOM metadata: the same stem as the NLP file, .json.")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000),
+              help="Documents stored per transaction.")
+def annotations_import(json_dir, text_dir, meta_dir, batch_size):
+    """Import the NLP result files of a folder; a document imported again replaces the earlier one.
+
+    The SOPInstanceUID comes from the metadata (the meta file, else the NLP file's top level), else from
+    the file stem. A bad file is reported with its reason and skipped; the rest are imported. Exits 0 when
+    at least one document was stored; non-zero with a one-line reason when a folder is missing, when
+    --json-dir holds no *.json, or when every file was skipped.
+    """
+    total = sum(1 for _ in Path(json_dir).glob("*.json"))
+    if not total:
+        raise click.ClickException(f"no NLP result files (*.json) in {json_dir}")
+    # The bar goes to stderr, so that stdout holds just the summary.
+    with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
+        summary = import_folder(json_dir, text_dir, meta_dir, batch_size, progress=bar.update)
+    click.echo(f"imported {summary.imported}, replaced {summary.replaced}, skipped {len(summary.skipped)}")
+    for file_name, reason in summary.skipped:
+        click.echo(f"skipped {file_name}: {reason}")
+    if not summary.imported and not summary.replaced:
+        raise click.ClickException(f"every file was skipped ({total})")
+
+
 @contextmanager
 def _progress_bar(label):
     """A progress bar on standard error for a loader that reports (bytes read, bytes in all)."""
@@ -247,6 +293,8 @@ def register_commands(app):
         series_group,
         form_group,
         concepts_group,
+        mappings_group,
+        annotations_group,
         demo_command,
         serve_command,
     ):

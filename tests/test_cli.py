@@ -1,8 +1,17 @@
 """The admin command line, run through Flask's CLI runner against both stores."""
-import pytest
+import json
+import shutil
 
-from gateway.demo import DEMO_PASSWORD, DEMO_USER, demo_uid
-from tests.conftest import credentials
+import pytest
+from sqlalchemy import select
+
+from gateway.annotations.mappings import get_mapping
+from gateway.annotations.query import parse_query, search_annotations
+from gateway.annotations.store import doc_detail, document_uids, linked_instances
+from gateway.db import db
+from gateway.demo import DEMO_MAPPING, DEMO_PASSWORD, DEMO_USER, demo_uid
+from gateway.models import annotations, concepts, documents
+from tests.conftest import ANNOTATION_FIXTURES, credentials
 
 
 @pytest.fixture
@@ -101,6 +110,124 @@ def test_demo_seeds_idempotently_and_the_readme_examples_work(app, cli):
     )
     # a retina series is named by its instance's SOPInstanceUID
     assert [item["SeriesInstanceUID"] for item in retina.json] == [demo_uid(2, 1, 1, 1, 1), demo_uid(2, 1, 1, 1, 2)]
+
+
+def test_demo_seeds_annotated_reports_of_demo_instances(app, cli):
+    assert cli("demo").exit_code == 0
+    with app.app_context():
+        first_run = db.session.execute(select(documents.c.sop_instance_uid, documents.c.id, documents.c.imported_at)).all()
+    second = cli("demo")
+    assert second.exit_code == 0 and "loaded" not in second.output and "imported" not in second.output
+    with app.app_context():
+        assert sorted(first_run) == sorted(
+            db.session.execute(select(documents.c.sop_instance_uid, documents.c.id, documents.c.imported_at)).all()
+        )
+        uids = document_uids()
+        assert len(uids) == 40
+        assert all(linked_instances(uid) for uid in uids)
+        assert get_mapping(DEMO_MAPPING)["pneumothorax"] == ["C0020303", "C0032326"]
+        # every annotation names a concept of the sample dictionary by its preferred name
+        names = dict(db.session.execute(select(concepts.c.cui, concepts.c.pref)).all())
+        assert names["C0205076"] == "Chest wall"
+        for cui, pref in db.session.execute(select(annotations.c.cui, annotations.c.pref).distinct()):
+            assert names[cui] == pref
+        report = doc_detail(demo_uid(1, 3, 1, 1, 1))
+        assert report["anns"]["ContentDate"] == "20170101"
+        assert [(item["str"], item["temporality"]) for item in report["anns"]["annotations"]] == [
+            ("pneumonia", "Recent"), ("tuberculosis", "Recent"), ("chest wall", "hypothetical"),
+        ]
+        for item in report["anns"]["annotations"]:
+            assert report["content"][item["start"]:item["end"]] == item["str"]
+        # the annotation API's own example query
+        query = {"terms": [{"q": "C0205076"}], "filter": {"start_date": "2017-01-01", "end_date": "2017-01-03"}}
+        assert search_annotations(parse_query(query)).all() == [demo_uid(1, 3, 1, 1, 1)]
+        # report n has findings n, n + 7 and n + 13 of the 20 (modulo 20); of the mapping's, "No pneumothorax"
+        # (2) and "No acute rib fractures" (17) are negated: reports 2, 4, 9, 10, 15, 17, 22, 24, 29, 30, 35, 37
+        by_mapping = {"terms": [{"q": DEMO_MAPPING, "negation": "Negated"}], "returnFields": "PatientID"}
+        assert search_annotations(parse_query(by_mapping)).all() == [
+            "DEMO-002", "DEMO-004", "DEMO-008", "DEMO-009", "DEMO-013", "DEMO-014",
+            "DEMO-018", "DEMO-020", "DEMO-024", "DEMO-025", "DEMO-029", "DEMO-030",
+        ]
+
+
+def test_mappings_load_prints_each_name_and_term_count(app, cli, tmp_path):
+    (tmp_path / "chest findings.json").write_text(json.dumps({"rib": ["C0000004"], "apex": ["C0000006"]}))
+    (tmp_path / "other.json").write_text(json.dumps({"rib": ["C0000004"]}))
+    result = cli("mappings", "load", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["chest findings: 2 terms", "other: 1 terms"]
+    with app.app_context():
+        assert get_mapping("chest findings") == {"apex": ["C0000006"], "rib": ["C0000004"]}
+
+
+@pytest.mark.parametrize(
+    "setup, reason",
+    [
+        (lambda folder: None, "no mapping files (*.json) in"),
+        (lambda folder: (folder / "bad.json").write_text('{"rib": "C0000004"}'), "bad.json: term 'rib' does not map"),
+    ],
+)
+def test_mappings_load_refuses_a_folder_without_good_mapping_files(app, cli, tmp_path, setup, reason):
+    setup(tmp_path)
+    result = cli("mappings", "load", str(tmp_path))
+    assert result.exit_code == 1
+    assert reason in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_annotations_import_shows_a_summary(app, cli):
+    folders = ["--json-dir", ANNOTATION_FIXTURES / "nlp", "--text-dir", ANNOTATION_FIXTURES / "text",
+               "--meta-dir", ANNOTATION_FIXTURES / "meta"]
+    result = cli("annotations", "import", *map(str, folders), "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "imported 8, replaced 0, skipped 0\n"
+    assert "importing" in result.stderr
+    again = cli("annotations", "import", *map(str, folders))
+    assert again.stdout == "imported 0, replaced 8, skipped 0\n"
+    with app.app_context():
+        assert doc_detail("1.1")["content"] == "The chest wall is intact. No fracture."
+
+
+def test_annotations_import_lists_skipped_files_and_succeeds_when_some_imported(app, cli, tmp_path):
+    shutil.copy(ANNOTATION_FIXTURES / "nlp" / "doc1.json", tmp_path / "doc1.json")
+    (tmp_path / "doc2.json").write_text('{"annotations": [{"pref": "Rib"}]}')
+    result = cli("annotations", "import", "--json-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["imported 1, replaced 0, skipped 1", "skipped doc2.json: annotation 0 has no 'cui'"]
+    with app.app_context():
+        assert document_uids() == ["doc1"]
+
+
+def test_annotations_import_fails_when_every_file_is_skipped(app, cli, tmp_path):
+    (tmp_path / "doc1.json").write_text("{")
+    (tmp_path / "doc2.json").write_text("[]")
+    result = cli("annotations", "import", "--json-dir", str(tmp_path))
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[:3] == [
+        "imported 0, replaced 0, skipped 2",
+        "skipped doc1.json: doc1.json is not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        "skipped doc2.json: not a JSON object",
+    ]
+    assert "Error: every file was skipped (2)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "options, exit_code, reason",
+    [
+        (["--json-dir", "{tmp}/missing"], 2, "Directory '{tmp}/missing' does not exist"),
+        (["--json-dir", "{tmp}"], 1, "no NLP result files (*.json) in {tmp}"),
+        (["--json-dir", "{nlp}", "--text-dir", "{tmp}/missing"], 2, "Directory '{tmp}/missing' does not exist"),
+        (["--json-dir", "{nlp}", "--batch-size", "0"], 2, "Invalid value for '--batch-size'"),
+        ([], 2, "Missing option '--json-dir'"),
+    ],
+)
+def test_annotations_import_refuses_bad_input_with_a_reason(app, cli, tmp_path, options, exit_code, reason):
+    places = {"tmp": tmp_path, "nlp": ANNOTATION_FIXTURES / "nlp"}
+    result = cli("annotations", "import", *(option.format(**places) for option in options))
+    assert result.exit_code == exit_code
+    assert reason.format(**places) in result.output
+    with app.app_context():
+        assert document_uids() == []
 
 
 @pytest.mark.parametrize("setting", ["MAX_UPLOAD_MB", "CREDENTIAL_CACHE_SECONDS"])

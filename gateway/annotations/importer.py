@@ -3,7 +3,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .store import Document, annotation_row, dicom_date, import_documents
+from .store import Document, dicom_date, import_documents, storable_text
 
 # DICOM keywords a metadata file (or the NLP file's own top level) may give, and the Document field of each.
 _METADATA_FIELDS = {
@@ -30,14 +30,15 @@ def read_document(json_path, text_dir=None, meta_dir=None):
     result = _read_json(json_path)
     if not isinstance(result, dict):
         raise ValueError("not a JSON object")
+    if "annotations" not in result:
+        # e.g. a metadata file: it would be stored as a document without annotations
+        raise ValueError("no 'annotations': not an NLP result")
     parts = {}
     for key in ("annotations", "phenotypes", "sentences"):
         value = result.get(key, [])
         if not isinstance(value, list):
             raise ValueError(f"'{key}' is not a list")
         parts[key] = value
-    for position, annotation in enumerate(parts["annotations"]):
-        annotation_row(position, annotation)  # refuse the file before anything is stored
 
     metadata = {keyword: result[keyword] for keyword in _METADATA_FIELDS if keyword in result}
     if meta_dir is not None:
@@ -55,7 +56,7 @@ def read_document(json_path, text_dir=None, meta_dir=None):
         if not text_path.exists():
             raise ValueError(f"no {text_path.name} in the text folder")
         try:
-            fields["report_text"] = text_path.read_text(encoding="utf-8")
+            fields["report_text"] = storable_text(text_path.read_text(encoding="utf-8"), text_path.name)
         except UnicodeDecodeError:
             raise ValueError(f"{text_path.name} is not UTF-8 text") from None
     return Document(**parts, **fields)
@@ -75,10 +76,7 @@ def _metadata_fields(metadata):
     for keyword, value in metadata.items():
         if value is None or value == "":
             continue
-        if not isinstance(value, str):
-            raise ValueError(f"{keyword} is not a string")
-        if len(value) > _MAX_METADATA_LENGTH:
-            raise ValueError(f"{keyword} is longer than {_MAX_METADATA_LENGTH} characters")
+        storable_text(value, keyword, _MAX_METADATA_LENGTH)
         fields[_METADATA_FIELDS[keyword]] = dicom_date(value) if keyword == "ContentDate" else value
     return fields
 

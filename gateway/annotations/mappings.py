@@ -13,6 +13,7 @@ from sqlalchemy import delete, insert, select
 
 from ..db import db, write_transaction
 from ..models import mapping_entries, mappings
+from .store import CUI_PATTERN, storable_text
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,12 @@ def parse_mapping(data, source):
     for term, entries in data.items():
         if not isinstance(entries, list) or not all(isinstance(entry, str) and entry.strip() for entry in entries):
             raise ValueError(f"{source}: term {term!r} does not map to a list of CUIs")
+        storable_text(term, f"{source}: term {term[:20]!r}", mapping_entries.c.term.type.length)
         cuis = [entry.split("\t", 1)[0].strip() for entry in entries]
-        terms[term] = list(dict.fromkeys(cuis))
+        for cui in cuis:
+            if not CUI_PATTERN.fullmatch(cui):
+                raise ValueError(f"{source}: term {term!r}: {cui[:20]!r} is not a CUI")
+        terms[term] = list(dict.fromkeys(cui.upper() for cui in cuis))
     return terms
 
 
