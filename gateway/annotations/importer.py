@@ -1,6 +1,8 @@
 """`gateway annotations import`: a folder of NLP result files, with their report texts and DICOM metadata."""
+import collections
 import dataclasses
 import json
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .store import Document, dicom_date, import_documents, storable_text
@@ -16,6 +18,7 @@ _METADATA_FIELDS = {
     "ModalitiesInStudy": "modalities_in_study",
 }
 _MAX_METADATA_LENGTH = 255
+_BATCHES_AHEAD = 2  # read, not yet written: bounds the memory a long import holds
 
 
 @dataclasses.dataclass
@@ -84,33 +87,44 @@ def _metadata_fields(metadata):
 def import_folder(json_dir, text_dir=None, meta_dir=None, batch_size=500, progress=None):
     """Import every *.json of json_dir; a bad file is reported in the summary and skipped.
 
+    A second process reads and checks the files while this one writes the batch before (reading
+    costs about as much as writing); at most a few batches wait between the two.
     progress: called with the number of files handled since its last call.
     """
     for folder in (json_dir, text_dir, meta_dir):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"{folder} is not a folder")
+    paths = sorted(Path(json_dir).glob("*.json"))
+    chunks = (paths[start : start + batch_size] for start in range(0, len(paths), batch_size))
     summary = ImportSummary()
-    batch, handled = [], 0
-    for json_path in sorted(Path(json_dir).glob("*.json")):
-        try:
-            batch.append(read_document(json_path, text_dir, meta_dir))
-        except (OSError, ValueError) as error:
-            summary.skipped.append((json_path.name, str(error)))
-        handled += 1
-        if len(batch) >= batch_size:
-            _import_batch(batch, summary)
-            batch = []
-            if progress:
-                progress(handled)
-                handled = 0
-    if batch:
-        _import_batch(batch, summary)
-    if progress and handled:
-        progress(handled)
+    with ProcessPoolExecutor(max_workers=1) as reader:
+        pending = collections.deque()
+        for chunk in chunks:
+            pending.append(reader.submit(_read_documents, chunk, text_dir, meta_dir))
+            if len(pending) > _BATCHES_AHEAD:
+                _write(pending.popleft().result(), summary, progress)
+        while pending:
+            _write(pending.popleft().result(), summary, progress)
     return summary
 
 
-def _import_batch(batch, summary):
-    imported, replaced = import_documents(batch)
-    summary.imported += imported
-    summary.replaced += replaced
+def _write(read, summary, progress):
+    documents, skipped, handled = read
+    summary.skipped.extend(skipped)
+    if documents:
+        imported, replaced = import_documents(documents)
+        summary.imported += imported
+        summary.replaced += replaced
+    if progress:
+        progress(handled)
+
+
+def _read_documents(paths, text_dir, meta_dir):
+    """(Documents, skipped files with their reasons, number of files) of some NLP result files."""
+    documents, skipped = [], []
+    for json_path in paths:
+        try:
+            documents.append(read_document(json_path, text_dir, meta_dir))
+        except (OSError, ValueError) as error:
+            skipped.append((json_path.name, str(error)))
+    return documents, skipped, len(paths)

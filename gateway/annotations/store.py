@@ -57,6 +57,11 @@ class Document:
     def __post_init__(self):
         self.annotation_rows = annotation_rows(self.annotations)
 
+    def __getstate__(self):
+        # Sent to another process (the importer's reader), only the rows are needed: the NLP
+        # objects are as large again and cost as much to unpickle as the rows cost to write.
+        return {**self.__dict__, "annotations": None}
+
 
 def dicom_date(value):
     """A DICOM DA value (YYYYMMDD, or the older YYYY.MM.DD) as a date; ValueError if it is none."""
