@@ -208,13 +208,13 @@ def import_corpus(concept_count, doc_count):
     """Documents/s of the import while another process generates the batches (as the importer's reader
     process reads them): by the wall clock, which counts any wait for the generator, and by the time
     spent in import_documents alone."""
-    in_import, done = 0.0, 0
+    in_import, done, known_prefs = 0.0, 0, set()
     started = time.perf_counter()
 
     def write(batch):
         nonlocal in_import, done
         batch_started = time.perf_counter()
-        import_documents(batch)
+        import_documents(batch, known_prefs)
         in_import += time.perf_counter() - batch_started
         done += len(batch)
         if done % 100_000 == 0 or done == doc_count:

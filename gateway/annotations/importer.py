@@ -97,22 +97,23 @@ def import_folder(json_dir, text_dir=None, meta_dir=None, batch_size=500, progre
     paths = sorted(Path(json_dir).glob("*.json"))
     chunks = (paths[start : start + batch_size] for start in range(0, len(paths), batch_size))
     summary = ImportSummary()
+    known_prefs = set()
     with ProcessPoolExecutor(max_workers=1) as reader:
         pending = collections.deque()
         for chunk in chunks:
             pending.append(reader.submit(_read_documents, chunk, text_dir, meta_dir))
             if len(pending) > _BATCHES_AHEAD:
-                _write(pending.popleft().result(), summary, progress)
+                _write(pending.popleft().result(), summary, known_prefs, progress)
         while pending:
-            _write(pending.popleft().result(), summary, progress)
+            _write(pending.popleft().result(), summary, known_prefs, progress)
     return summary
 
 
-def _write(read, summary, progress):
+def _write(read, summary, known_prefs, progress):
     documents, skipped, handled = read
     summary.skipped.extend(skipped)
     if documents:
-        imported, replaced = import_documents(documents)
+        imported, replaced = import_documents(documents, known_prefs)
         summary.imported += imported
         summary.replaced += replaced
     if progress:

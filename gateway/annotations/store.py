@@ -5,7 +5,7 @@ import json
 import re
 import operator
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import bindparam, delete, func, select
 
 from ..db import bulk_insert, db, in_values, insert_ignoring_conflicts, utcnow, write_transaction
 from ..errors import InvalidValue, ObjectNotFound
@@ -149,13 +149,16 @@ _ANNOTATION_COLUMNS = (
     "negation", "experiencer", "temporality", "ruled_out",
 )  # fmt: skip
 _BY_CUI = operator.itemgetter(_ANNOTATION_COLUMNS.index("cui"))
+# positions in an annotation row (_ANNOTATION_COLUMNS without document_id)
+_CUI_COLUMN, _PREF_COLUMN = _ANNOTATION_COLUMNS.index("cui") - 1, _ANNOTATION_COLUMNS.index("pref") - 1
 
 
-def import_documents(batch):
+def import_documents(batch, known_prefs=None):
     """Store a batch of Documents in one transaction, replacing stored ones with the same SOPInstanceUID.
 
     Returns (imported, replaced): how many were new and how many replaced an earlier import (a
-    document twice in the batch counts as replaced once).
+    document twice in the batch counts as replaced once). known_prefs: a set that one import's
+    batches share, of the (preferred name, CUI) pairs already recorded, so each is written once.
     """
     latest = {document.sop_instance_uid: document for document in batch}
     now = utcnow()
@@ -182,7 +185,20 @@ def import_documents(batch):
                 key=_BY_CUI,
             ),
         )
-        _remember_prefs(session, list(document_ids.values()))
+        new_prefs = {
+            (row[_PREF_COLUMN], row[_CUI_COLUMN])
+            for document in latest.values()
+            for row in document.annotation_rows
+            if row[_PREF_COLUMN]
+        } - (known_prefs or set())
+        if new_prefs:
+            # the (lower-cased preferred name, CUI) pairs that free text is looked up by
+            recorded = insert_ignoring_conflicts(annotation_prefs).values(
+                pref_key=func.lower(bindparam("pref")), cui=bindparam("cui")
+            )
+            session.execute(recorded, [{"pref": pref, "cui": cui} for pref, cui in new_prefs])
+    if known_prefs is not None:
+        known_prefs |= new_prefs
     return len(latest) - earlier, earlier + len(batch) - len(latest)
 
 
@@ -203,14 +219,6 @@ def _document_values(document):
         document.patient_id, document.sop_class_uid, document.content_date, document.modalities_in_study,
         document.report_text, json.dumps(document.phenotypes), json.dumps(document.sentences),
     )  # fmt: skip
-
-
-def _remember_prefs(session, document_ids):
-    """Record the (lower-cased preferred name, CUI) pairs of these documents' annotations."""
-    named = select(func.lower(annotations.c.pref), annotations.c.cui).where(
-        in_values(annotations.c.document_id, document_ids), annotations.c.pref.is_not(None)
-    )
-    session.execute(insert_ignoring_conflicts(annotation_prefs).from_select(["pref_key", "cui"], named.distinct()))
 
 
 def delete_document(sop_instance_uid):
