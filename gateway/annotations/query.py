@@ -13,6 +13,7 @@ from collections import defaultdict
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 from sqlalchemy import (
+    any_,
     except_,
     false,
     func,
@@ -374,9 +375,16 @@ def _stream(statement):
 
 def _final_statement(matched_ids, query):
     columns = [METADATA_COLUMNS[field] for field in query.return_fields]
+    matched = select(matched_ids.subquery().c[0])
+    if db.engine.dialect.name == "postgresql":
+        # As an array, the matched ids are looked up by primary key. PostgreSQL guesses the size of
+        # `id IN (subquery)` from the CUI list and, guessing high, would scan all documents instead.
+        is_matched = documents.c.id == any_(func.array(matched.scalar_subquery()))
+    else:
+        is_matched = documents.c.id.in_(matched)
     return (
         select(*columns)
-        .where(documents.c.id.in_(select(matched_ids.subquery().c[0])), *_filters(query.filter))
+        .where(is_matched, *_filters(query.filter))
         .distinct()
         .order_by(*(column.asc().nulls_last() for column in columns))
     )
