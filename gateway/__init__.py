@@ -4,6 +4,7 @@ import os
 from flask import Flask
 
 from .auth import CredentialCache
+from .auth.passphrase import Passphrase
 from .config import load_config
 from .db import configure_engine, db
 from .storage import FileStorage
@@ -21,13 +22,16 @@ def create_app(test_config=None):
         configure_engine(db.engine)
     app.extensions["gateway.storage"] = FileStorage(app.config["STORAGE_DIR"])
     app.extensions["gateway.credentials"] = CredentialCache(app.config["CREDENTIAL_CACHE_SECONDS"])
+    app.extensions["gateway.passphrase"] = Passphrase(app.config["PASSPHRASE"])
 
     app.teardown_request(discard_unused_uploads)
 
     from . import v1
+    from .annotations import api as annotation_api
 
     app.register_blueprint(v1.bp)
     v1.register_error_handlers(app)
+    app.register_blueprint(annotation_api.bp)
 
     from .cli import register_commands
 

@@ -14,6 +14,7 @@ from . import create_app, results
 from .annotations.dictionary import DEFAULT_SOURCES, load_sample, load_semehr_csv, load_umls
 from .annotations.importer import import_folder
 from .annotations.mappings import load_mappings
+from .annotations.transactions import recent as recent_transactions
 from .archive import storage
 from .auth.users import create_user, grant, set_password
 from .db import init_db, schema_exists
@@ -70,6 +71,7 @@ results_group = click.Group("results", help="Algorithm results of a series.")
 series_group = click.Group("series", help="Series status, for algorithm runners.")
 form_group = click.Group("form", help="Reporting forms of a project.")
 concepts_group = click.Group("concepts", help="The concept dictionary that expands annotation queries.")
+transactions_group = click.Group("transactions", help="The record of annotation API searches.")
 mappings_group = click.Group("mappings", help="Named mappings of terms to CUIs, for the annotation API.")
 annotations_group = click.Group("annotations", help="The annotation store: NLP results of report documents.")
 SERIES_ARGUMENTS = ("project", "archive", "patient_id", "study_uid", "series_uid")
@@ -226,6 +228,15 @@ def annotations_import(json_dir, text_dir, meta_dir, batch_size):
         raise click.ClickException(f"every file was skipped ({total})")
 
 
+@admin_command(transactions_group, "list")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))
+def transactions_list(limit):
+    """The latest searches, newest first: time (UTC), transaction id, call, client, results, query."""
+    for row in recent_transactions(limit):
+        time = row.created_at.isoformat(timespec="seconds") + "Z"
+        click.echo("\t".join(map(str, (time, row.id, row.call, row.client_address, row.num_results, row.query))))
+
+
 @contextmanager
 def _progress_bar(label):
     """A progress bar on standard error for a loader that reports (bytes read, bytes in all)."""
@@ -293,6 +304,7 @@ def register_commands(app):
         series_group,
         form_group,
         concepts_group,
+        transactions_group,
         mappings_group,
         annotations_group,
         demo_command,
