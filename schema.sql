@@ -263,7 +263,7 @@ CREATE INDEX ix_search_transactions_created ON search_transactions (created_at);
 -- Full-text index of the report texts; each store has its own kind.
 -- dialect sqlite
 CREATE VIRTUAL TABLE documents_fts USING fts5(
-    report_text, content='documents', content_rowid='id', tokenize='porter unicode61', detail='none'
+    report_text, content='documents', content_rowid='id', tokenize='porter unicode61'
 );
 CREATE TRIGGER documents_fts_insert AFTER INSERT ON documents BEGIN
     INSERT INTO documents_fts (rowid, report_text) VALUES (new.id, new.report_text);

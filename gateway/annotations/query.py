@@ -411,7 +411,7 @@ def search_annotations(query):
 # --- full text --------------------------------------------------------------------------------------
 
 _fts_table = table("documents_fts", literal_column("rowid"))
-_WORD = re.compile(r"\w+")
+_WORD = re.compile(r"[^\W_]+")  # as FTS5's unicode61 tokenizer splits words: "_" is a separator
 
 
 def _fulltext_ids(items):
