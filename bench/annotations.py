@@ -6,11 +6,13 @@
 
 The corpus: a dictionary of --concepts concepts in a hierarchy (mostly a 4-way tree of one semantic
 group per branch, some concepts with a second parent, one cycle), --docs documents of 20 annotations
-each, CUIs drawn Zipf-like (s=1) over the concepts in a shuffled order, mixed qualifiers, 2% ruled out,
+each, CUIs drawn Zipf-like (s=1.2), the commoner the shallower in the tree, mixed qualifiers, 2% ruled out,
 ContentDates over 20 years, ModalitiesInStudy from common combinations, a report text of 40 words.
 
-Measured: documents/s of gateway.annotations.store.import_documents in batches (the CLI's path without
-reading files), and of `import_folder` on 20,000 JSON files (the whole CLI path); then, in a separate
+Measured: documents/s of gateway.annotations.store.import_documents in batches, inside `loading` as the CLI
+does it (into the empty store a bulk load: the concept index is built at the end, and its time counts), while
+another process generates the batches as the CLI's reader process reads files; and of `import_folder` on
+20,000 JSON files (the whole CLI path, into the store that then holds 1,000,000); then, in a separate
 process that does nothing else, p50/p95 of each query run 30 times, and that process's peak RSS.
 Everything runs in a throwaway database (and folder) that is removed at the end.
 """
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT))  # runnable from a checkout that is not pip-instal
 from gateway import create_app  # noqa: E402
 from gateway.annotations.importer import import_folder  # noqa: E402
 from gateway.annotations.query import parse_query, search_annotations, search_documents  # noqa: E402
-from gateway.annotations.store import Document, import_documents  # noqa: E402
+from gateway.annotations.store import Document, import_documents, loading  # noqa: E402
 from gateway.db import db, init_db  # noqa: E402
 from gateway.models import concept_relations, concept_types, concepts  # noqa: E402
 
@@ -61,8 +63,9 @@ TARGETS = {  # figure: (target, higher is better)
     "query process peak RSS MB": (500, False),
 }
 ANNOTATIONS_PER_DOC = 20
+ZIPF_EXPONENT = 1.2
 WORDS_PER_TEXT = 40
-BATCH = 1000
+BATCH = 5000  # documents per transaction, as `gateway annotations import` writes them
 QUERY_RUNS = 30
 FOLDER_DOCS = 20_000
 EPOCH = datetime.date(2005, 1, 1)
@@ -77,6 +80,7 @@ class Corpus:
         self.cuis = [f"C{index + 1:07d}" for index in range(concept_count)]
         self.vocabulary = [f"w{index}" for index in range(5000)]
         self.prefs = [f"{self._word()} {self._word()} {index}" for index in range(concept_count)]
+        self.names = [pref.lower() for pref in self.prefs]  # an annotation's "str"
         # A 4-way tree: concept i's parent is (i - 1) // 4; a branch keeps its semantic group mostly.
         self.parents = {index: [(index - 1) // 4] for index in range(1, concept_count)}
         self.group = [0] * concept_count
@@ -86,8 +90,12 @@ class Corpus:
         for index in self.rng.choice(numpy.arange(100, concept_count), concept_count // 20, replace=False):
             self.parents[int(index)].append(int(self.rng.integers(1, index)))  # a second parent, earlier
         self.parents[7] = self.parents.get(7, []) + [concept_count - 1]  # one cycle through the deepest level
-        ranks = self.rng.permutation(concept_count)
-        weights = 1.0 / (ranks + 1.0)
+        self.types = [GROUPS[group] for group in self.group]
+        # Frequency falls with depth, as in reports (a lung is named more often than its apical segment):
+        # ranks ordered by depth in the tree, shuffled within about two levels.
+        depth = numpy.floor(numpy.log(3 * numpy.arange(concept_count) + 1) / numpy.log(4))
+        ranks = numpy.argsort(numpy.argsort(depth + self.rng.uniform(0, 2, concept_count)))
+        weights = 1.0 / (ranks + 1.0) ** ZIPF_EXPONENT
         self.probability = weights / weights.sum()
         self.word_probability = 1.0 / numpy.arange(1, len(self.vocabulary) + 1)
         self.word_probability /= self.word_probability.sum()
@@ -126,33 +134,36 @@ class Corpus:
 
     def documents(self, first, count):
         """The fields of documents first … first+count-1 (a batch), with their annotations."""
-        draws = self.rng.choice(self.count, size=(count, ANNOTATIONS_PER_DOC), p=self.probability)
-        qualifiers = {
-            name: self.rng.choice(len(values), size=(count, ANNOTATIONS_PER_DOC), p=weights)
-            for name, (values, weights) in QUALIFIERS.items()
-        }
-        ruled = self.rng.random((count, ANNOTATIONS_PER_DOC)) < 0.02
-        days = self.rng.integers(0, 20 * 365, size=count)
-        modality = self.rng.integers(len(MODALITIES), size=count)
-        words = self.rng.choice(len(self.vocabulary), size=(count, WORDS_PER_TEXT), p=self.word_probability)
+        shape = (count, ANNOTATIONS_PER_DOC)
+        # Python lists, not numpy arrays: reading numpy scalars one by one is what would cost here.
+        draws = self.rng.choice(self.count, size=shape, p=self.probability).tolist()
+        negation, experiencer, temporality = (
+            [[values[index] for index in row] for row in self.rng.choice(len(values), size=shape, p=weights).tolist()]
+            for values, weights in QUALIFIERS.values()
+        )
+        ruled = (self.rng.random(shape) < 0.02).tolist()
+        days = self.rng.integers(0, 20 * 365, size=count).tolist()
+        modality = self.rng.integers(len(MODALITIES), size=count).tolist()
+        words = self.rng.choice(len(self.vocabulary), size=(count, WORDS_PER_TEXT), p=self.word_probability).tolist()
+        cuis, prefs, names, types = self.cuis, self.prefs, self.names, self.types
         batch = []
         for row in range(count):
             number = first + row
-            annotations = []
-            for column in range(ANNOTATIONS_PER_DOC):
-                concept = int(draws[row, column])
-                annotations.append(
-                    {
-                        "cui": self.cuis[concept],
-                        "pref": self.prefs[concept],
-                        "str": self.prefs[concept].lower(),
-                        "sty": GROUPS[self.group[concept]],
-                        "start": column * 10,
-                        "end": column * 10 + 8,
-                        **{name: QUALIFIERS[name][0][qualifiers[name][row, column]] for name in QUALIFIERS},
-                        "ruled_by": ["not_mention_filters.json"] if ruled[row, column] else [],
-                    }
-                )
+            annotations = [
+                {
+                    "cui": cuis[concept],
+                    "pref": prefs[concept],
+                    "str": names[concept],
+                    "sty": types[concept],
+                    "start": column * 10,
+                    "end": column * 10 + 8,
+                    "negation": negation[row][column],
+                    "experiencer": experiencer[row][column],
+                    "temporality": temporality[row][column],
+                    "ruled_by": ["not_mention_filters.json"] if ruled[row][column] else [],
+                }
+                for column, concept in enumerate(draws[row])
+            ]
             batch.append(
                 dict(
                     sop_instance_uid=f"2.25.9.{number}",
@@ -160,9 +171,9 @@ class Corpus:
                     study_instance_uid=f"2.25.7.{number // 3}",
                     patient_id=f"P{number // 10}",
                     sop_class_uid="1.2.840.10008.5.1.4.1.1.88.11",
-                    content_date=EPOCH + datetime.timedelta(days=int(days[row])),
+                    content_date=EPOCH + datetime.timedelta(days=days[row]),
                     modalities_in_study=MODALITIES[modality[row]],
-                    report_text=" ".join(self.vocabulary[word] for word in words[row]),
+                    report_text=" ".join([self.vocabulary[word] for word in words[row]]),
                     annotations=annotations,
                     sentences=[{"start": 0, "end": 100}],
                 )
@@ -220,7 +231,11 @@ def import_corpus(concept_count, doc_count):
         if done % 100_000 == 0 or done == doc_count:
             print(f"  {done:>9,} documents, {done / (time.perf_counter() - started):,.0f} docs/s so far", flush=True)
 
-    with ProcessPoolExecutor(max_workers=1, initializer=_start_generator, initargs=(concept_count,)) as generator:
+    with (
+        loading(doc_count) as bulk,
+        ProcessPoolExecutor(max_workers=1, initializer=_start_generator, initargs=(concept_count,)) as generator,
+    ):
+        print(f"  as a bulk load (the concept index built at the end): {bulk}", flush=True)
         pending = collections.deque()
         for first in range(0, doc_count, BATCH):
             pending.append(generator.submit(_generate_batch, first, min(BATCH, doc_count - first)))
@@ -228,6 +243,8 @@ def import_corpus(concept_count, doc_count):
                 write(pending.popleft().result())
         while pending:
             write(pending.popleft().result())
+        index_started = time.perf_counter()
+    print(f"  concept index built in {time.perf_counter() - index_started:,.0f} s", flush=True)
     return doc_count / (time.perf_counter() - started), doc_count / in_import
 
 

@@ -205,7 +205,7 @@ FOLDER = click.Path(exists=True, file_okay=False)
 @click.option("--json-dir", required=True, type=FOLDER, help="NLP result files, *.json.")
 @click.option("--text-dir", type=FOLDER, help="Report texts: the same stem as the NLP file, .txt.")
 @click.option("--meta-dir", type=FOLDER, help="DICOM metadata: the same stem as the NLP file, .json.")
-@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000),
+@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1, 100_000),
               help="Documents stored per transaction.")
 def annotations_import(json_dir, text_dir, meta_dir, batch_size):
     """Import the NLP result files of a folder; a document imported again replaces the earlier one.

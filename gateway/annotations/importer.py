@@ -5,7 +5,7 @@ import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .store import Document, dicom_date, import_documents, storable_text
+from .store import Document, dicom_date, import_documents, loading, storable_text
 
 # DICOM keywords a metadata file (or the NLP file's own top level) may give, and the Document field of each.
 _METADATA_FIELDS = {
@@ -84,7 +84,7 @@ def _metadata_fields(metadata):
     return fields
 
 
-def import_folder(json_dir, text_dir=None, meta_dir=None, batch_size=500, progress=None):
+def import_folder(json_dir, text_dir=None, meta_dir=None, batch_size=5000, progress=None):
     """Import every *.json of json_dir; a bad file is reported in the summary and skipped.
 
     A second process reads and checks the files while this one writes the batch before (reading
@@ -98,7 +98,7 @@ def import_folder(json_dir, text_dir=None, meta_dir=None, batch_size=500, progre
     chunks = (paths[start : start + batch_size] for start in range(0, len(paths), batch_size))
     summary = ImportSummary()
     known_prefs = set()
-    with ProcessPoolExecutor(max_workers=1) as reader:
+    with loading(len(paths)), ProcessPoolExecutor(max_workers=1) as reader:
         pending = collections.deque()
         for chunk in chunks:
             pending.append(reader.submit(_read_documents, chunk, text_dir, meta_dir))

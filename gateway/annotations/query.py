@@ -353,10 +353,14 @@ class Search:
         """The results, distinct and in a stable order: strings for one field, else dicts by field name."""
         if self.statement is None:
             return
+        dates = [index for index, field in enumerate(self.return_fields) if field == "ContentDate"]
         single = len(self.return_fields) == 1
         for row in _stream(self.statement):
-            values = [value.strftime("%Y%m%d") if hasattr(value, "strftime") else value for value in row]
-            yield values[0] if single else dict(zip(self.return_fields, values))
+            if dates:
+                row = list(row)
+                for index in dates:
+                    row[index] = row[index] and row[index].strftime("%Y%m%d")  # DICOM format, as the spec says
+            yield row[0] if single else dict(zip(self.return_fields, row))
 
     def all(self):
         return list(self.rows())
