@@ -215,6 +215,9 @@ CREATE TABLE documents (
     UNIQUE (sop_instance_uid)
 );
 CREATE INDEX ix_documents_content_date ON documents (content_date);
+-- What a search reads of each document it matched (the default result and the date and modality
+-- filters), found by id without reading the document's row and its report text.
+CREATE INDEX ix_documents_search ON documents (id, sop_instance_uid, content_date, modalities_in_study);
 CREATE INDEX ix_documents_series ON documents (series_instance_uid);
 CREATE INDEX ix_documents_study ON documents (study_instance_uid);
 

@@ -251,6 +251,7 @@ documents = Table(
     Column("sentences", Text),
     Column("imported_at", TIMESTAMP, nullable=False),
     Index("ix_documents_content_date", "content_date"),
+    Index("ix_documents_search", "id", "sop_instance_uid", "content_date", "modalities_in_study"),
     Index("ix_documents_series", "series_instance_uid"),
     Index("ix_documents_study", "study_instance_uid"),
 )

@@ -384,6 +384,8 @@ def _final_statement(matched_ids, query):
         # As an array, the matched ids are looked up by primary key. PostgreSQL guesses the size of
         # `id IN (subquery)` from the CUI list and, guessing high, would scan all documents instead.
         is_matched = documents.c.id == any_(func.array(matched.scalar_subquery()))
+        # UIDs and codes sort byte by byte (as on SQLite), not by the locale's slower rules
+        columns = [column if column is documents.c.content_date else column.collate("C") for column in columns]
     else:
         is_matched = documents.c.id.in_(matched)
     return (
