@@ -67,7 +67,9 @@ def engine_options(database_url):
     if database_url.startswith("postgresql"):
         # No pool_pre_ping (a round trip per request): a connection the server dropped fails one
         # request and is then replaced; recycling bounds how long idle ones live.
-        return {"isolation_level": "AUTOCOMMIT", "pool_recycle": 1800}
+        # No JIT: it compiles any plan whose estimated cost is high, for tens of milliseconds, and a
+        # search's estimate runs high (PostgreSQL guesses a long CUI list matches many rows).
+        return {"isolation_level": "AUTOCOMMIT", "pool_recycle": 1800, "connect_args": {"options": "-c jit=off"}}
     return {}
 
 

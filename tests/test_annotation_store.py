@@ -48,6 +48,42 @@ def search(*terms, **query):
 # --- import ------------------------------------------------------------------------------------------
 
 
+def _index_names():
+    from sqlalchemy import inspect
+
+    return {index["name"] for table in ("documents", "annotations") for index in inspect(db.engine).get_indexes(table)}
+
+
+def test_a_bulk_load_builds_its_indexes_at_the_end_and_a_crashed_one_is_mended(app, monkeypatch):
+    from gateway.annotations import store
+
+    deferred = {"ix_annotations_concept", "ix_documents_search", "ix_documents_content_date"}
+    with app.app_context():
+        assert deferred <= _index_names()
+        monkeypatch.setattr(store, "BULK_LOAD_MINIMUM", 5)
+        seen_during_the_load = []
+        real_import = store.import_documents
+
+        def watching_import(*arguments):
+            seen_during_the_load.append(_index_names())
+            return real_import(*arguments)
+
+        monkeypatch.setattr("gateway.annotations.importer.import_documents", watching_import)
+        summary = import_folder(ANNOTATION_FIXTURES / "nlp", ANNOTATION_FIXTURES / "text", ANNOTATION_FIXTURES / "meta")
+        assert summary.imported == 8
+        assert seen_during_the_load and not deferred & seen_during_the_load[0]  # into an empty store: a bulk load
+        assert deferred <= _index_names()
+        assert search({"q": "C0000030"}) == ["1.3", "1.7"]
+
+        # 8 more documents into a store of 8 is not a bulk load; an index that a crash left out comes back
+        db.session.execute(db.text("DROP INDEX ix_annotations_concept"))
+        db.session.commit()
+        seen_during_the_load.clear()
+        import_folder(ANNOTATION_FIXTURES / "nlp", ANNOTATION_FIXTURES / "text", ANNOTATION_FIXTURES / "meta")
+        assert deferred <= seen_during_the_load[0]
+        assert deferred <= _index_names()
+
+
 def test_a_second_import_replaces_every_document(annotated):
     with annotated.app_context():
         assert (count(documents), count(annotations)) == (8, 11)
