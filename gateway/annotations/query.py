@@ -388,12 +388,11 @@ def _final_statement(matched_ids, query):
         columns = [column if column is documents.c.content_date else column.collate("C") for column in columns]
     else:
         is_matched = documents.c.id.in_(matched)
-    return (
-        select(*columns)
-        .where(is_matched, *_filters(query.filter))
-        .distinct()
-        .order_by(*(column.asc().nulls_last() for column in columns))
-    )
+    statement = select(*columns).where(is_matched, *_filters(query.filter))
+    if query.return_fields == ["SOPInstanceUID"]:
+        # Unique already, and in id order as the lookups read them: nothing to sort.
+        return statement.order_by(documents.c.id)
+    return statement.distinct().order_by(*(column.asc().nulls_last() for column in columns))
 
 
 def search_annotations(query):
