@@ -21,7 +21,7 @@ import collections
 import datetime
 import json
 import os
-import resource
+import re
 import shutil
 import statistics
 import subprocess
@@ -199,7 +199,10 @@ def load_dictionary(corpus):
 
 
 def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory. VmHWM, not getrusage: the query process is started by
+    fork and exec from the importer, and Linux carries ru_maxrss across exec."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
 _worker_corpus = None

@@ -179,16 +179,11 @@ def loading(document_count):
     finally:
         if bulk:
             with db.engine.connect() as connection:
-                # Sort in memory, and on SQLite with a second thread.
                 if connection.dialect.name == "postgresql":
-                    connection.exec_driver_sql("SET maintenance_work_mem = '512MB'")
-                else:
-                    connection.exec_driver_sql("PRAGMA cache_size = -524288")  # KiB: 512 MB
-                    connection.exec_driver_sql("PRAGMA threads = 2")
+                    connection.exec_driver_sql("SET maintenance_work_mem = '512MB'")  # sort in memory
                 for index in _DEFERRED_INDEXES:
                     index.create(connection)
                 connection.commit()
-                connection.invalidate()  # not back to the pool with those settings
 
 
 def import_documents(batch, known_prefs=None):
