@@ -1,5 +1,20 @@
-"""marshmallow fields that take JSON values as they are, and readable messages from its errors."""
+"""Checking input: JSON files read with a readable error, marshmallow fields that take JSON values as they
+are, and readable messages from marshmallow's errors."""
+import json
+from pathlib import Path
+
 from marshmallow import fields
+
+
+def read_json_file(path):
+    """The JSON value of a file; ValueError naming the file when it is not JSON (or nested too deeply)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path.name} is not JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{path.name} is nested too deeply") from None
 
 
 class StrictNumber(fields.Float):

@@ -364,6 +364,9 @@ def test_one_bad_mapping_file_stores_none(app, tmp_path):
         assert mapping_names() == []
         with pytest.raises(ValueError, match="no mapping files"):
             load_mappings(tmp_path / "missing")
+        (tmp_path / "b.json").write_text("[" * 100_000, encoding="utf-8")
+        with pytest.raises(ValueError, match="b.json is nested too deeply"):
+            load_mappings(tmp_path)
 
 
 def test_mapping_files_of_the_mappings_folder_are_seen_without_a_load(app, tmp_path):

@@ -1,10 +1,10 @@
 """`gateway annotations import`: a folder of NLP result files, with their report texts and DICOM metadata."""
 import collections
 import dataclasses
-import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from ..validation import read_json_file
 from .store import Document, dicom_date, import_documents, loading, storable_text
 
 # DICOM keywords a metadata file (or the NLP file's own top level) may give, and the Document field of each.
@@ -30,7 +30,7 @@ class ImportSummary:
 
 def read_document(json_path, text_dir=None, meta_dir=None):
     """The Document that one NLP result file describes; ValueError says why it cannot be imported."""
-    result = _read_json(json_path)
+    result = read_json_file(json_path)
     if not isinstance(result, dict):
         raise ValueError("not a JSON object")
     if "annotations" not in result:
@@ -47,7 +47,7 @@ def read_document(json_path, text_dir=None, meta_dir=None):
     if meta_dir is not None:
         meta_path = Path(meta_dir) / (json_path.stem + ".json")
         if meta_path.exists():
-            meta = _read_json(meta_path)
+            meta = read_json_file(meta_path)
             if not isinstance(meta, dict):
                 raise ValueError(f"{meta_path.name} is not a JSON object")
             metadata.update({keyword: meta[keyword] for keyword in _METADATA_FIELDS if keyword in meta})
@@ -63,15 +63,6 @@ def read_document(json_path, text_dir=None, meta_dir=None):
         except UnicodeDecodeError:
             raise ValueError(f"{text_path.name} is not UTF-8 text") from None
     return Document(**parts, **fields)
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{Path(path).name} is not JSON: {error}") from None
-    except RecursionError:
-        raise ValueError(f"{Path(path).name} is nested too deeply") from None
 
 
 def _metadata_fields(metadata):

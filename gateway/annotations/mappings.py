@@ -4,7 +4,6 @@ Two sources: mappings stored by `gateway mappings load DIR`, and the JSON files 
 GATEWAY_MAPPINGS_DIR, read by the server itself (a file added there is seen at once).
 A stored mapping wins over a file of the same name.
 """
-import json
 import logging
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from sqlalchemy import delete, insert, select
 
 from ..db import db, write_transaction
 from ..models import mapping_entries, mappings
+from ..validation import read_json_file
 from .store import CUI_PATTERN, storable_text
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,7 @@ def parse_mapping(data, source):
 
 
 def read_mapping_file(path):
-    path = Path(path)
-    try:
-        return parse_mapping(json.loads(path.read_bytes()), path.name)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path.name} is not JSON: {error}") from None
+    return parse_mapping(read_json_file(path), Path(path).name)
 
 
 def load_mappings(directory):
