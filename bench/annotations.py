@@ -11,8 +11,9 @@ ContentDates over 20 years, ModalitiesInStudy from common combinations, a report
 
 Measured: documents/s of gateway.annotations.store.import_documents in batches, inside `loading` as the CLI
 does it (into the empty store a bulk load: the concept index is built at the end, and its time counts), while
-another process generates the batches as the CLI's reader process reads files; and of `import_folder` on
-20,000 JSON files (the whole CLI path, into the store that then holds 1,000,000); then, in a separate
+another process generates the batches as the CLI's reader processes read files; and of `import_folder`
+(the whole CLI path) on 100,000 JSON files into an empty store of its own (a bulk load), and on 20,000
+into the store that then holds 1,000,000 (indexes kept up row by row); then, in a separate
 process that does nothing else, p50/p95 of each query run 30 times, and that process's peak RSS.
 Everything runs in a throwaway database (and folder) that is removed at the end.
 """
@@ -67,7 +68,8 @@ ZIPF_EXPONENT = 1.2
 WORDS_PER_TEXT = 40
 BATCH = 5000  # documents per transaction, as `gateway annotations import` writes them
 QUERY_RUNS = 30
-FOLDER_DOCS = 20_000
+FOLDER_DOCS = 20_000  # into the full store
+BULK_FOLDER_DOCS = 100_000  # into an empty store
 EPOCH = datetime.date(2005, 1, 1)
 
 
@@ -251,11 +253,13 @@ def import_corpus(concept_count, doc_count):
     return doc_count / (time.perf_counter() - started), doc_count / in_import
 
 
-def import_json_folder(corpus, folder, first):
+def import_json_folder(corpus, folder, first, count):
+    """Documents/s of import_folder on `count` generated files (NLP JSON, text, metadata)."""
     for subfolder in ("nlp", "text", "meta"):
         (folder / subfolder).mkdir(parents=True)
-    for start in range(0, FOLDER_DOCS, BATCH):
-        for document in map(lambda fields: Document(**fields), corpus.documents(first + start, BATCH)):
+    for start in range(0, count, BATCH):
+        batch = corpus.documents(first + start, min(BATCH, count - start))
+        for document in map(lambda fields: Document(**fields), batch):
             stem = document.sop_instance_uid
             (folder / "nlp" / f"{stem}.json").write_text(
                 json.dumps({"annotations": document.annotations, "sentences": document.sentences, "phenotypes": []})
@@ -273,8 +277,25 @@ def import_json_folder(corpus, folder, first):
     started = time.perf_counter()
     summary = import_folder(folder / "nlp", folder / "text", folder / "meta", batch_size=BATCH)
     elapsed = time.perf_counter() - started
-    assert summary.imported == FOLDER_DOCS and not summary.skipped, summary
-    return FOLDER_DOCS / elapsed
+    assert summary.imported == count and not summary.skipped, summary
+    return count / elapsed
+
+
+def import_json_folder_into_empty_store(store, workdir, corpus, count):
+    """import_json_folder's rate into a throwaway store that holds only the dictionary."""
+    workdir.mkdir()
+    database_url, drop_database = make_database(store, workdir)
+    try:
+        app = create_app({"DATABASE_URL": database_url, "STORAGE_DIR": str(workdir / "storage")})
+        with app.app_context():
+            init_db()
+            load_dictionary(corpus)
+            rate = import_json_folder(corpus, workdir / "folder", 0, count)
+            db.engine.dispose()
+    finally:
+        drop_database()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rate
 
 
 def analyse(database_url):
@@ -339,12 +360,17 @@ def main():
         app = create_app({"DATABASE_URL": database_url, "STORAGE_DIR": str(workdir / "storage")})
         corpus = Corpus(arguments.concepts)
         root, tree_size, expected_docs = corpus.pick_query_concept(arguments.docs, wanted_docs=arguments.docs // 50)
+        bulk_folder_docs = min(BULK_FOLDER_DOCS, arguments.docs)
+        print(f"{arguments.store}: import_folder on {bulk_folder_docs:,} JSON files into an empty store", flush=True)
+        bulk_folder_rate = import_json_folder_into_empty_store(
+            arguments.store, workdir / "empty", corpus, bulk_folder_docs
+        )
         with app.app_context():
             init_db()
             load_dictionary(corpus)
             print(f"{arguments.store}: importing {arguments.docs:,} documents × {ANNOTATIONS_PER_DOC} annotations")
             import_rate, import_only_rate = import_corpus(arguments.concepts, arguments.docs)
-            folder_rate = import_json_folder(corpus, workdir / "folder", arguments.docs)
+            folder_rate = import_json_folder(corpus, workdir / "folder", arguments.docs, FOLDER_DOCS)
             import_rss = peak_rss_mb()
             db.engine.dispose()
         analyse(database_url)
@@ -369,16 +395,21 @@ def main():
             check=True, capture_output=True, text=True,
         )
         figures = json.loads(child.stdout.strip().splitlines()[-1])
-        report(arguments, cui, tree_size, expected_docs, (import_rate, import_only_rate), folder_rate, import_rss, figures)
+        folder_rates = (bulk_folder_docs, bulk_folder_rate, folder_rate)
+        report(arguments, cui, tree_size, expected_docs, (import_rate, import_only_rate), folder_rates, import_rss, figures)
     finally:
         drop_database()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def report(arguments, cui, tree_size, expected_docs, import_rates, folder_rate, import_rss, figures):
+def report(arguments, cui, tree_size, expected_docs, import_rates, folder_rates, import_rss, figures):
     print(f"\n{arguments.store}, {arguments.docs:,} documents, {arguments.concepts:,} concepts, {os.cpu_count()} CPUs")
     print(f"  query concept {cui}: about {tree_size} concepts below it, about {expected_docs:,.0f} documents")
-    print(f"  import_folder on {FOLDER_DOCS:,} JSON files (+ text + meta): {folder_rate:,.0f} docs/s; importer peak RSS {import_rss:,.0f} MB")
+    bulk_folder_docs, bulk_folder_rate, folder_rate = folder_rates
+    print(f"  import_folder on {bulk_folder_docs:,} JSON files (+ text + meta) into an empty store: "
+          f"{bulk_folder_rate:,.0f} docs/s")
+    print(f"  import_folder on {FOLDER_DOCS:,} JSON files into the full store: {folder_rate:,.0f} docs/s; "
+          f"importer peak RSS {import_rss:,.0f} MB")
     print(f"  import_documents alone (without waiting for the generator): {import_rates[1]:,.0f} docs/s")
     measured = {"import docs/s": import_rates[0], "query process peak RSS MB": figures.pop("peak_rss_mb")}
     for name, figure in figures.items():

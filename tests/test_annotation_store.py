@@ -98,6 +98,18 @@ def test_a_second_import_replaces_every_document(annotated):
         assert document_uids() == ["1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7", "1.8"]
 
 
+def test_batches_read_at_once_are_written_in_file_order(app, tmp_path, monkeypatch):
+    monkeypatch.setattr("gateway.annotations.importer._READERS", 3)
+    monkeypatch.setattr("gateway.annotations.importer._BATCHES_AHEAD", 4)
+    for number in range(6):  # one SOPInstanceUID in every file: each file replaces the one before it
+        report = {"SOPInstanceUID": "7.7", "PatientID": f"P{number}", "annotations": [annotation("C0000030", "Pneumonia")]}
+        write_json(tmp_path / f"report{number}.json", report)
+    with app.app_context():
+        summary = import_folder(tmp_path, batch_size=1)
+        assert (summary.imported, summary.replaced, summary.skipped) == (1, 5, [])
+        assert doc_detail("7.7")["anns"]["PatientID"] == "P5"
+
+
 def test_a_document_twice_in_one_batch_is_stored_once_and_counted_as_replaced(app):
     with app.app_context():
         first = Document("9.1", [annotation("C0000030", "Pneumonia")])

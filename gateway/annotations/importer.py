@@ -1,6 +1,7 @@
 """`gateway annotations import`: a folder of NLP result files, with their report texts and DICOM metadata."""
 import collections
 import dataclasses
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -18,7 +19,10 @@ _METADATA_FIELDS = {
     "ModalitiesInStudy": "modalities_in_study",
 }
 _MAX_METADATA_LENGTH = 255
-_BATCHES_AHEAD = 2  # read, not yet written: bounds the memory a long import holds
+# Reading and checking a file costs about twice what writing it does, so a process per core reads
+# while this one writes (up to four: beyond that the one writer sets the pace).
+_READERS = min(4, os.cpu_count() or 1)
+_BATCHES_AHEAD = _READERS + 1  # read or being read, not yet written: bounds the memory a long import holds
 
 
 @dataclasses.dataclass
@@ -78,8 +82,8 @@ def _metadata_fields(metadata):
 def import_folder(json_dir, text_dir=None, meta_dir=None, batch_size=5000, progress=None):
     """Import every *.json of json_dir; a bad file is reported in the summary and skipped.
 
-    A second process reads and checks the files while this one writes the batch before (reading
-    costs about as much as writing); at most a few batches wait between the two.
+    Reader processes read and check the files while this one writes the batches they made before;
+    at most a few batches wait between them.
     progress: called with the number of files handled since its last call.
     """
     for folder in (json_dir, text_dir, meta_dir):
@@ -89,10 +93,10 @@ def import_folder(json_dir, text_dir=None, meta_dir=None, batch_size=5000, progr
     chunks = (paths[start : start + batch_size] for start in range(0, len(paths), batch_size))
     summary = ImportSummary()
     known_prefs = set()
-    with loading(len(paths)), ProcessPoolExecutor(max_workers=1) as reader:
+    with loading(len(paths)), ProcessPoolExecutor(max_workers=_READERS) as readers:
         pending = collections.deque()
         for chunk in chunks:
-            pending.append(reader.submit(_read_documents, chunk, text_dir, meta_dir))
+            pending.append(readers.submit(_read_documents, chunk, text_dir, meta_dir))
             if len(pending) > _BATCHES_AHEAD:
                 _write(pending.popleft().result(), summary, known_prefs, progress)
         while pending:
