@@ -102,8 +102,8 @@ def test_batches_read_at_once_are_written_in_file_order(app, tmp_path, monkeypat
     monkeypatch.setattr("gateway.annotations.importer._READERS", 3)
     monkeypatch.setattr("gateway.annotations.importer._BATCHES_AHEAD", 4)
     for number in range(6):  # one SOPInstanceUID in every file: each file replaces the one before it
-        report = {"SOPInstanceUID": "7.7", "PatientID": f"P{number}", "annotations": [annotation("C0000030", "Pneumonia")]}
-        write_json(tmp_path / f"report{number}.json", report)
+        nlp = {"SOPInstanceUID": "7.7", "PatientID": f"P{number}", "annotations": [annotation("C0000030", "Pneumonia")]}
+        write_json(tmp_path / f"report{number}.json", nlp)
     with app.app_context():
         summary = import_folder(tmp_path, batch_size=1)
         assert (summary.imported, summary.replaced, summary.skipped) == (1, 5, [])
