@@ -19,6 +19,7 @@ Everything runs in a throwaway database (and folder) that is removed at the end.
 """
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -284,16 +285,11 @@ def import_json_folder(corpus, folder, first, count):
 def import_json_folder_into_empty_store(store, workdir, corpus, count):
     """import_json_folder's rate into a throwaway store that holds only the dictionary."""
     workdir.mkdir()
-    database_url, drop_database = make_database(store, workdir)
     try:
-        app = create_app({"DATABASE_URL": database_url, "STORAGE_DIR": str(workdir / "storage")})
-        with app.app_context():
-            init_db()
-            load_dictionary(corpus)
+        with dictionary_store(store, workdir, corpus) as (app, _database_url), app.app_context():
             rate = import_json_folder(corpus, workdir / "folder", 0, count)
             db.engine.dispose()
     finally:
-        drop_database()
         shutil.rmtree(workdir, ignore_errors=True)
     return rate
 
@@ -326,20 +322,30 @@ def run_queries(database_url, queries):
     print(json.dumps(figures))
 
 
-def make_database(store, workdir):
+@contextlib.contextmanager
+def dictionary_store(store, workdir, corpus):
+    """(app, database URL) of a throwaway database (in `workdir` for SQLite) with the schema and the
+    corpus' dictionary; the database is dropped on exit."""
+    admin, name = None, None
     if store == "sqlite":
-        return f"sqlite:///{workdir / 'bench.sqlite'}", lambda: None
-    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"gateway_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-
-    def drop():
+        database_url = f"sqlite:///{workdir / 'bench.sqlite'}"
+    else:
+        admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        name = f"gateway_bench_{uuid.uuid4().hex[:10]}"
         with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-    return sqlalchemy.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False), drop
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        database_url = sqlalchemy.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        app = create_app({"DATABASE_URL": database_url, "STORAGE_DIR": str(workdir / "storage")})
+        with app.app_context():
+            init_db()
+            load_dictionary(corpus)
+        yield app, database_url
+    finally:
+        if admin is not None:
+            with admin.connect() as connection:
+                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.dispose()
 
 
 def main():
@@ -355,9 +361,7 @@ def main():
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    database_url, drop_database = make_database(arguments.store, workdir)
     try:
-        app = create_app({"DATABASE_URL": database_url, "STORAGE_DIR": str(workdir / "storage")})
         corpus = Corpus(arguments.concepts)
         root, tree_size, expected_docs = corpus.pick_query_concept(arguments.docs, wanted_docs=arguments.docs // 50)
         bulk_folder_docs = min(BULK_FOLDER_DOCS, arguments.docs)
@@ -365,47 +369,50 @@ def main():
         bulk_folder_rate = import_json_folder_into_empty_store(
             arguments.store, workdir / "empty", corpus, bulk_folder_docs
         )
-        with app.app_context():
-            init_db()
-            load_dictionary(corpus)
-            print(f"{arguments.store}: importing {arguments.docs:,} documents × {ANNOTATIONS_PER_DOC} annotations")
-            import_rate, import_only_rate = import_corpus(arguments.concepts, arguments.docs)
-            folder_rate = import_json_folder(corpus, workdir / "folder", arguments.docs, FOLDER_DOCS)
-            import_rss = peak_rss_mb()
-            db.engine.dispose()
-        analyse(database_url)
-
-        cui = corpus.cuis[root]
-        middle_concept = int(numpy.argsort(corpus.probability)[-300])  # a common concept, not the commonest
-        queries = {
-            "single CUI": ("annotations", {"terms": [{"q": cui}]}),
-            "qualifiers": (
-                "annotations",
-                {
-                    "terms": [{"q": cui, "negation": "Affirmed", "temporality": ["Recent"]}],
-                    "filter": {"start_date": "2010-01-01", "end_date": "2019-12-31", "modalities": ["CT", "MR"]},
-                },
-            ),
-            "free text": ("annotations", {"terms": [{"q": corpus.prefs[middle_concept].upper()}]}),
-            "search_docs": ("fulltext", {"terms": [{"q": "w30 w40"}]}),
-        }
-        child = subprocess.run(
-            [sys.executable, __file__, "--store", arguments.store, "--queries-only", database_url,
-             "--queries", json.dumps(queries)],
-            check=True, capture_output=True, text=True,
-        )
-        figures = json.loads(child.stdout.strip().splitlines()[-1])
-        folder_rates = (bulk_folder_docs, bulk_folder_rate, folder_rate)
-        report(arguments, cui, tree_size, expected_docs, (import_rate, import_only_rate), folder_rates, import_rss, figures)
+        with dictionary_store(arguments.store, workdir, corpus) as (app, database_url):
+            measured = measure(arguments, corpus, app, database_url, workdir, root)
+        report(arguments, corpus.cuis[root], tree_size, expected_docs, bulk_folder_docs, bulk_folder_rate, *measured)
     finally:
-        drop_database()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def report(arguments, cui, tree_size, expected_docs, import_rates, folder_rates, import_rss, figures):
+def measure(arguments, corpus, app, database_url, workdir, root):
+    """(import rates, folder rate, importer peak RSS, query figures) on the store of `app`; the queries
+    run in a child process that does nothing else."""
+    with app.app_context():
+        print(f"{arguments.store}: importing {arguments.docs:,} documents × {ANNOTATIONS_PER_DOC} annotations")
+        import_rates = import_corpus(arguments.concepts, arguments.docs)
+        folder_rate = import_json_folder(corpus, workdir / "folder", arguments.docs, FOLDER_DOCS)
+        import_rss = peak_rss_mb()
+        db.engine.dispose()
+    analyse(database_url)
+
+    cui = corpus.cuis[root]
+    middle_concept = int(numpy.argsort(corpus.probability)[-300])  # a common concept, not the commonest
+    queries = {
+        "single CUI": ("annotations", {"terms": [{"q": cui}]}),
+        "qualifiers": (
+            "annotations",
+            {
+                "terms": [{"q": cui, "negation": "Affirmed", "temporality": ["Recent"]}],
+                "filter": {"start_date": "2010-01-01", "end_date": "2019-12-31", "modalities": ["CT", "MR"]},
+            },
+        ),
+        "free text": ("annotations", {"terms": [{"q": corpus.prefs[middle_concept].upper()}]}),
+        "search_docs": ("fulltext", {"terms": [{"q": "w30 w40"}]}),
+    }
+    child = subprocess.run(
+        [sys.executable, __file__, "--store", arguments.store, "--queries-only", database_url,
+         "--queries", json.dumps(queries)],
+        check=True, capture_output=True, text=True,
+    )
+    return import_rates, folder_rate, import_rss, json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def report(arguments, cui, tree_size, expected_docs, bulk_folder_docs, bulk_folder_rate, import_rates, folder_rate,
+           import_rss, figures):
     print(f"\n{arguments.store}, {arguments.docs:,} documents, {arguments.concepts:,} concepts, {os.cpu_count()} CPUs")
     print(f"  query concept {cui}: about {tree_size} concepts below it, about {expected_docs:,.0f} documents")
-    bulk_folder_docs, bulk_folder_rate, folder_rate = folder_rates
     print(f"  import_folder on {bulk_folder_docs:,} JSON files (+ text + meta) into an empty store: "
           f"{bulk_folder_rate:,.0f} docs/s")
     print(f"  import_folder on {FOLDER_DOCS:,} JSON files into the full store: {folder_rate:,.0f} docs/s; "

@@ -6,15 +6,21 @@ from pathlib import Path
 from marshmallow import fields
 
 
+def parse_json(data, source):
+    """The JSON value of `data` (text or UTF-8 bytes); ValueError naming `source` when it is not JSON (or
+    nested too deeply)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{source} is nested too deeply") from None
+    except ValueError as error:  # not JSON, or bytes that are not UTF-8
+        raise ValueError(f"{source} is not JSON: {error}") from None
+
+
 def read_json_file(path):
     """The JSON value of a file; ValueError naming the file when it is not JSON (or nested too deeply)."""
     path = Path(path)
-    try:
-        return json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path.name} is not JSON: {error}") from None
-    except RecursionError:
-        raise ValueError(f"{path.name} is nested too deeply") from None
+    return parse_json(path.read_bytes(), path.name)
 
 
 class StrictNumber(fields.Float):

@@ -112,6 +112,11 @@ def app(store, tmp_path):
         if not init_db() and kind == "postgresql":
             _empty_tables()
     yield app
+    release_connections(app)
+
+
+def release_connections(app):
+    """Close what an app's pool holds: a test's database is dropped or emptied after it."""
     with app.app_context():
         db.session.remove()
         db.engine.dispose()

@@ -26,6 +26,7 @@ from gateway.auth import passphrase as passphrase_module
 from gateway.auth.passphrase import Passphrase
 from gateway.db import db, utcnow
 from gateway.models import search_transactions
+from tests.conftest import release_connections
 
 PASSPHRASE = "open sesame"
 DIGEST = hashlib.sha256(PASSPHRASE.encode()).hexdigest()
@@ -92,9 +93,7 @@ def protected_app(annotated, mappings_dir):
     config = {key: annotated.config[key] for key in ("TESTING", "DATABASE_URL", "STORAGE_DIR")}
     app = create_app({**config, "PASSPHRASE": PASSPHRASE, "MAPPINGS_DIR": str(mappings_dir)})
     yield app
-    with app.app_context():
-        db.session.remove()
-        db.engine.dispose()
+    release_connections(app)
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ import re
 import shutil
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 
+from gateway.annotations import store
 from gateway.annotations.importer import import_folder
 from gateway.annotations.mappings import get_mapping, load_mappings, mapping_names, parse_mapping
 from gateway.annotations.query import parse_query, search_annotations, search_documents
@@ -49,14 +50,10 @@ def search(*terms, **query):
 
 
 def _index_names():
-    from sqlalchemy import inspect
-
     return {index["name"] for table in ("documents", "annotations") for index in inspect(db.engine).get_indexes(table)}
 
 
 def test_a_bulk_load_builds_its_indexes_at_the_end_and_a_crashed_one_is_mended(app, monkeypatch):
-    from gateway.annotations import store
-
     deferred = {"ix_annotations_concept", "ix_documents_search", "ix_documents_content_date"}
     with app.app_context():
         assert deferred <= _index_names()

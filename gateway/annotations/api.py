@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from ..db import utcnow
 from ..errors import GatewayError, InvalidValue, NotAuthenticated, ObjectNotFound
+from ..validation import parse_json
 from ..v1 import bp as archive_bp
 from . import mappings, store, transactions
 from .query import parse_query, search_annotations, search_documents
@@ -171,11 +172,9 @@ def _passphrase_and_query():
     if len(text) > MAX_REQUEST_BYTES:
         raise InvalidValue("invalid_query", f"{source} is longer than {MAX_REQUEST_BYTES:,} bytes")
     try:
-        query = json.loads(text)
-    except RecursionError:
-        raise InvalidValue("invalid_query", f"{source} is nested too deeply") from None
+        query = parse_json(text, source)
     except ValueError as error:
-        raise InvalidValue("invalid_query", f"{source} is not JSON: {error}") from None
+        raise InvalidValue("invalid_query", str(error)) from None
     if not isinstance(query, dict):
         raise InvalidValue("invalid_query", f"{source} must be a JSON object with 'terms'")
     passphrase = query.pop("passphrase", passphrase)
