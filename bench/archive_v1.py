@@ -9,10 +9,10 @@ Each measurement gets a fresh database and storage folder and its own gunicorn (
 `gateway serve` runs it; --worker-args to try others) on loopback; everything is removed at the end.
 MB means 10**6 bytes of DICOM payload.
 
-Beside each figure: "connections per worker" is how the clients' keep-alive connections fell on the
-two workers (each stays on the worker that accepted it, so 3/1 or 0/8 caps the figure at one worker's
-GIL); "CPU s" is what each worker, our clients and the rest used (rest: database server, kernel, and
-anything else running; on SQLite a rest of more than a few tenths means the machine was not quiet).
+Beside each figure, "CPU s" is what each worker, our clients and the rest used (rest: database server,
+kernel, and anything else running; on SQLite a rest of more than a few tenths means the machine was not
+quiet). Sync workers close every connection after its answer, so the two workers' CPU also shows how
+evenly the kernel spread the requests over them.
 """
 import argparse
 import contextlib
@@ -110,23 +110,6 @@ class Gateway:
     def worker_cpu(self):
         """CPU seconds (user + system) each worker has used so far."""
         return [(int(fields[11]) + int(fields[12])) / CLOCK_TICKS for fields in map(_proc_stat, self.workers())]
-
-    def connections(self):
-        """Established connections to the served port that each worker holds: keep-alive clients stay
-        on the worker that accepted them, so this spread caps what each measurement can reach."""
-        inodes = set()
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "01" and int(fields[1].split(":")[1], 16) == self.port:  # 01: ESTABLISHED
-                inodes.add(f"socket:[{fields[9]}]")
-        counts = []
-        for pid in self.workers():
-            count = 0
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    count += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
-            counts.append(count)
-        return "/".join(map(str, counts))
 
     def worker_rss_mb(self):
         sizes = []
@@ -309,7 +292,7 @@ def upload(gateway, specs, tag):
             go.wait(timeout=120)
         except threading.BrokenBarrierError:
             raise RuntimeError("an upload client failed before the timing started (its traceback is above)") from None
-        cpu, spread = CpuWindow(gateway), gateway.connections()
+        cpu = CpuWindow(gateway)
         outcomes = [_next_result(results, processes) for _ in processes]
         cpu.close(client_seconds=sum(o[5] for o in outcomes))
     except BaseException:
@@ -329,7 +312,6 @@ def upload(gateway, specs, tag):
         "payload": sum(o[3] for o in outcomes),
         "failures": failures,
         "cpu": cpu,
-        "spread": spread,
     }
 
 
@@ -382,8 +364,7 @@ def measure_upload_small(gateway):
     rate = run["count"] / run["wall"]
     return [("upload-small", rate,
              f"{run['count']} x {run['payload'] / run['count'] / 1000:.1f} KB in {run['wall']:.2f} s, "
-             f"{_failure_note(run['failures'])}; connections per worker {run['spread']}; "
-             f"{run['cpu'].note()}")]
+             f"{_failure_note(run['failures'])}; {run['cpu'].note()}")]
 
 
 def measure_upload_ct(gateway):
@@ -392,7 +373,7 @@ def measure_upload_ct(gateway):
     return [("upload-ct", rate,
              f"{run['count']} x {run['payload'] / run['count'] / 1000:.0f} KB in {run['wall']:.2f} s "
              f"({run['count'] / run['wall']:.0f} inst/s), {_failure_note(run['failures'])}; "
-             f"connections per worker {run['spread']}; {run['cpu'].note()}")]
+             f"{run['cpu'].note()}")]
 
 
 def _download(gateway, path, keep):
@@ -453,16 +434,13 @@ def _children_cpu_seconds():
 
 
 def _wrk(gateway, url, duration):
-    """wrk's report, and how its connections were spread over the workers (looked at 1 s in)."""
+    """wrk's report."""
     headers = [argument for name, value in gateway.headers.items() for argument in ("-H", f"{name}: {value}")]
     command = ["wrk", "-t2", "-c8", f"-d{duration}s", *headers, url]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
-        time.sleep(1)
-        spread = gateway.connections()
-        output, errors = process.communicate()
-    if process.returncode != 0:
-        raise RuntimeError(f"wrk failed: {errors}")
-    return output, spread
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise RuntimeError(f"wrk failed: {finished.stderr}")
+    return finished.stdout
 
 
 def measure_series_get(gateway, duration=10):
@@ -479,7 +457,7 @@ def measure_series_get(gateway, duration=10):
     _wrk(gateway, url, 2)  # untimed warm-up: credential caches, connection pools
     wrk_before = _children_cpu_seconds()
     cpu = CpuWindow(gateway)
-    output, spread = _wrk(gateway, url, duration)
+    output = _wrk(gateway, url, duration)
     cpu.close(client_seconds=_children_cpu_seconds() - wrk_before)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
@@ -487,7 +465,7 @@ def measure_series_get(gateway, duration=10):
     latency = re.search(r"Latency\s+(\S+)\s+(\S+)\s+(\S+)", output)
     return [
         ("series-get", rate, f"wrk -t2 -c8 -d{duration}s: latency avg {latency.group(1)}, max {latency.group(3)}; "
-                             f"connections per worker {spread}; {cpu.note()}"),
+                             f"{cpu.note()}"),
         ("series-get-non2xx", int(non2xx.group(1)) if non2xx else 0, errors.group(0) if errors else "no socket errors"),
     ]
 

@@ -243,10 +243,62 @@ def test_series_whose_files_vanished_has_no_dicom_available(seeded, stored):
     assert_error(stored.get("dicom/get/", **SERIES_PARAMS), 404, "object_not_found", "no_dicom_available")
 
 
+V1_CALL_METHODS = {  # every call of the archive API v1 and the methods it answers
+    "instance/upload/": "POST",
+    "patient/get/": "GET",
+    "patient/delete/": "GET, DELETE",
+    "study/get/": "GET",
+    "patient/studies/list/": "GET",
+    "study/delete/": "GET, DELETE",
+    "series/get/": "GET",
+    "patient/study/series/list/": "GET",
+    "dicom/get/": "GET",
+    "series/delete/": "GET, DELETE",
+    "series/results/add/": "POST",
+    "series/results/": "GET",
+    "patient/study/series/forms/list/": "GET",
+    "patient/study/series/forms/add/": "POST",
+}
+
+
 def test_wrong_method_and_unknown_call(stored):
-    response = stored.client.post("/api/v1/patient/get/", headers=stored.headers)
-    assert_error(response, 405, "method_not_allowed", None)
+    for call, methods in V1_CALL_METHODS.items():
+        for method in {"GET", "POST", "PUT", "DELETE"} - set(methods.split(", ")):
+            response = stored.client.open(f"/api/v1/{call}", method=method, headers=stored.headers)
+            assert_error(response, 405, "method_not_allowed", None)
+            allowed = set(response.headers["Allow"].split(", "))
+            assert set(methods.split(", ")) <= allowed and method not in allowed, (call, method)
     assert_error(stored.get("patient/nothing/"), 404, "object_not_found", "unknown_call")
+
+
+def test_head_never_deletes(stored):
+    study = {**ALPHA, "PatientID": PATIENT, "StudyInstanceUID": STUDY}
+    for call, params in (("series/delete/", SERIES_PARAMS), ("study/delete/", study), ("patient/delete/", study)):
+        response = stored.client.head(f"/api/v1/{call}", query_string=params, headers=stored.headers)
+        assert (response.status_code, response.headers["Allow"]) == (405, "GET, DELETE")
+    assert stored.get("series/get/", **SERIES_PARAMS).status_code == 200
+    assert stored.client.head("/api/v1/series/get/", query_string=SERIES_PARAMS, headers=stored.headers).status_code == 200
+
+
+def test_a_nul_in_a_parameter_is_a_400_after_the_credentials(seeded, stored):
+    """PostgreSQL refuses NUL in text outright; the answer is the same clear 400 on every store."""
+    for params in (
+        {**ALPHA, "Project": "al\x00pha", "PatientID": PATIENT},
+        {**ALPHA, "Archive": "main\x00", "PatientID": PATIENT},
+        {**ALPHA, "PatientID": "PAT\x00-1"},
+        {**ALPHA, "PatientID": PATIENT, "Extra": "\x00"},
+    ):
+        response = stored.get("patient/get/", **params)
+        assert_error(response, 400, "invalid_get_value", "invalid_parameter")
+        assert_error(stored.get("patient/get/", headers=credentials("alice", "wrong"), **params),
+                     401, "not_authenticated", None)
+    assert_error(stored.get("patient/get/", headers=credentials("ali\x00ce"), **ALPHA, PatientID=PATIENT),
+                 401, "not_authenticated", None)
+    files_before = _storage_files(seeded)
+    response = stored.post("instance/upload/", {"Project": "alpha", "Archive": "main\x00", "file": ("a.dcm", instance(9))})
+    assert_error(response, 400, "invalid_post_value", "invalid_parameter")
+    assert _storage_files(seeded) == files_before
+    assert stored.get("patient/get/", **ALPHA, PatientID=PATIENT).status_code == 200
 
 
 def test_unexpected_errors_are_json_without_a_trace(stored, monkeypatch):

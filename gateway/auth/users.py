@@ -87,11 +87,13 @@ def authenticate(username, password, permission, project=None, archive=None):
     """
     if not username or not password:
         raise NotAuthenticated(None, "X-USERNAME and X-PASSWORD headers are required")
-    row = (
-        db.session.connection()
-        .execute(_ACCESS, {"username": username, "permission": permission, "project": project, "archive": archive})
-        .first()
-    )
+    row = None
+    if "\x00" not in username:  # no stored username holds a NUL, and PostgreSQL refuses to compare one
+        row = (
+            db.session.connection()
+            .execute(_ACCESS, {"username": username, "permission": permission, "project": project, "archive": archive})
+            .first()
+        )
     cache = current_app.extensions["gateway.credentials"]
     if row is None:
         cache.verify(None, None, password)

@@ -1,8 +1,9 @@
 """The archive API v1 blueprint (`/api/v1/…`): a thin layer over gateway.archive."""
+import functools
 import logging
 
 from flask import Blueprint, Response, jsonify, request
-from werkzeug.exceptions import BadRequest, HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed
 from werkzeug.utils import secure_filename
 
 from .. import archive as archive_store
@@ -18,6 +19,12 @@ bp = Blueprint("v1", __name__, url_prefix="/api/v1")
 PATIENT = ("PatientID",)
 STUDY = ("PatientID", "StudyInstanceUID")
 SERIES = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+DELETE_METHODS = ("GET", "DELETE")
+
+
+def _storable(value):
+    """No text column holds a NUL (PostgreSQL refuses it outright), so no stored name contains one."""
+    return value is not None and "\x00" not in value
 
 
 def _authorised_call(permission, *parameters, check_body=None):
@@ -27,13 +34,32 @@ def _authorised_call(permission, *parameters, check_body=None):
     if not username or not password:  # answered before an upload's body is read
         raise NotAuthenticated(None, "X-USERNAME and X-PASSWORD headers are required")
     values = [request.values.get(name) for name in ("Project", "Archive", *parameters)]
-    access = authenticate(username, password, permission, values[0], values[1])
+    project, archive = (value if _storable(value) else None for value in values[:2])
+    access = authenticate(username, password, permission, project, archive)
     for name, value in zip(("Project", "Archive", *parameters), values):
         if not value:
             raise InvalidValue("missing_parameter", f"the parameter {name} is required")
+    for name, value in request.values.items(multi=True):
+        if not _storable(value):
+            raise InvalidValue("invalid_parameter", f"the parameter {name} holds a NUL character")
     if check_body is not None:
         check_body()
     return access.id, archive_ref(access, values[0], values[1]), values[2:]
+
+
+def _deleting_route(rule):
+    """GET or DELETE. Flask answers HEAD wherever GET is allowed, and a HEAD must never delete."""
+
+    def register(view):
+        @functools.wraps(view)
+        def refusing_head():
+            if request.method == "HEAD":
+                raise MethodNotAllowed(valid_methods=DELETE_METHODS)
+            return view()
+
+        return bp.route(rule, methods=DELETE_METHODS)(refusing_head)
+
+    return register
 
 
 def _uploaded_file():
@@ -66,7 +92,7 @@ def get_patient():
     return jsonify(archive_store.get_patient(archive, *params))
 
 
-@bp.route("/patient/delete/", methods=["GET", "DELETE"])
+@_deleting_route("/patient/delete/")
 def delete_patient():
     _user_id, archive, params = _authorised_call("api_delete_patient", *PATIENT)
     archive_store.delete_patient(archive, *params)
@@ -85,7 +111,7 @@ def list_studies():
     return jsonify(archive_store.list_studies(archive, *params))
 
 
-@bp.route("/study/delete/", methods=["GET", "DELETE"])
+@_deleting_route("/study/delete/")
 def delete_study():
     _user_id, archive, params = _authorised_call("api_delete_study", *STUDY)
     archive_store.delete_study(archive, *params)
@@ -114,7 +140,7 @@ def get_series_dicom():
     )
 
 
-@bp.route("/series/delete/", methods=["GET", "DELETE"])
+@_deleting_route("/series/delete/")
 def delete_series():
     _user_id, archive, params = _authorised_call("api_delete_series", *SERIES)
     archive_store.delete_series(archive, *params)
@@ -193,7 +219,10 @@ def register_error_handlers(app):
             message += f" ({app.config['MAX_UPLOAD_MB']:g} MB)"
         elif error.code == 400 and error.description != BadRequest.description:
             message = error.description
-        return _error_body(error.code, error_type or _value_error_type(), suberror_type, message.format(method=request.method))
+        response = _error_body(error.code, error_type or _value_error_type(), suberror_type, message.format(method=request.method))
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            response.headers["Allow"] = ", ".join(error.valid_methods)
+        return response
 
     @app.errorhandler(Exception)
     def unexpected_error(error):
