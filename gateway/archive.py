@@ -9,6 +9,7 @@ import logging
 
 from flask import current_app
 from sqlalchemy import and_, bindparam, delete, literal, select
+from sqlalchemy.exc import IntegrityError, NoResultFound
 from werkzeug.utils import secure_filename
 
 from .db import DIALECT_INSERTS, db, utcnow, write_transaction
@@ -150,16 +151,36 @@ def store_instance(archive, handle, size, filename):
     }
     try:
         files.place(handle, key)
-        with write_transaction(single_statement=True) as session:
-            connection = session.connection()
-            if connection.execute(_INSERT_INTO_STORED_SERIES[connection.dialect.name], {**lookup, **row}).first():
-                return answer
-        if not _store_in_new_or_other_series(archive, tags, lookup, row):
+        for attempt in range(1, _UPLOAD_ATTEMPTS + 1):
+            try:
+                written = _write_instance_row(archive, tags, lookup, row)
+                break
+            except _LOST_TO_A_DELETE:
+                if attempt == _UPLOAD_ATTEMPTS:
+                    raise
+                log.info("an upload to archive %s lost a race with a delete; trying again", archive.id)
+        if not written:
             files.delete(key)  # the same instance was stored already
     except BaseException:
         files.delete(key)
         raise
     return answer
+
+
+# What an upload's transaction meets when a delete commits under it on PostgreSQL (SQLite's write lock
+# keeps the two apart): its new row's parent is gone, a row it saw is gone, or a file it compares with is.
+# Another go at the whole transaction sees the delete and creates what it removed.
+_LOST_TO_A_DELETE = (IntegrityError, NoResultFound, FileNotFoundError)
+_UPLOAD_ATTEMPTS = 3
+
+
+def _write_instance_row(archive, tags, lookup, row):
+    """True when the instance's row was written; False when the same instance was stored already."""
+    with write_transaction(single_statement=True) as session:
+        connection = session.connection()
+        if connection.execute(_INSERT_INTO_STORED_SERIES[connection.dialect.name], {**lookup, **row}).first():
+            return True
+    return _store_in_new_or_other_series(archive, tags, lookup, row)
 
 
 def _store_in_new_or_other_series(archive, tags, lookup, row):

@@ -4,12 +4,14 @@ Every test checks what the client is told (status and the JSON error body) and w
 kept: rows in the database and files in the storage folder. Every upload made through `upload()`
 also checks that no spooled temp file (`tmp/*.part`) outlives its request.
 """
-import glob
+import filecmp
 import io
 import os
 import re
 import struct
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -17,7 +19,7 @@ import pydicom.data
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.exc import OperationalError
 from urllib3 import encode_multipart_formdata
 
@@ -175,19 +177,20 @@ def test_instance_with_an_undefined_length_sequence_is_stored(api, seeded):
 
 @pytest.mark.filterwarnings("ignore:Expected explicit VR")  # a quirk of one corpus file, reported by pydicom
 def test_pydicom_test_files_are_each_stored_or_refused_cleanly(api, seeded):
-    """pydicom's own test corpus, uploaded in sorted order into one archive: never a 500."""
-    paths = sorted(glob.glob(os.path.join(PYDICOM_TEST_FILES, "*.dcm")))
-    if not paths:
+    """Every file of pydicom's own test folder (the DICOMDIR tree and the non-DICOM files too), uploaded
+    in sorted order into one archive: never a 500."""
+    root = Path(PYDICOM_TEST_FILES)
+    paths = sorted(path for path in root.rglob("*") if path.is_file())
+    if not any(path.suffix == ".dcm" for path in paths):
         pytest.skip("the installed pydicom ships no test files")
     first_bytes = {}  # SOPInstanceUID -> bytes of the file stored under it
     study_patient = {}
     series_study = {}
     outcome = {}
     for path in paths:
-        name = os.path.basename(path)
-        with open(path, "rb") as handle:
-            data = handle.read()
-        response = upload(api, data, filename=name)
+        name = path.relative_to(root).as_posix()
+        data = path.read_bytes()
+        response = upload(api, data, filename=path.name)
         outcome[name] = response.status_code
         if response.status_code == 200:
             dataset = pydicom.dcmread(path, stop_before_pixels=True)
@@ -669,6 +672,54 @@ def test_failure_right_after_placing_the_file_leaves_nothing(api, seeded, monkey
     _assert_clean_500(response)
     assert len(placed) == 1
     assert_nothing_stored(seeded)  # neither the row nor the file that was moved into place
+
+
+def _postgresql_only(app):
+    with app.app_context():
+        if db.engine.dialect.name != "postgresql":
+            pytest.skip("SQLite's write lock keeps a delete from committing under an upload")
+
+
+def _wait_for_a_blocked_statement(connection, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not connection.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar():
+        assert time.monotonic() < deadline, "the upload never waited for the delete's lock"
+        time.sleep(0.02)
+
+
+def test_an_upload_whose_series_is_deleted_under_it_is_stored_anew(api, seeded):
+    """The delete commits while the upload's insert waits on the series row: the insert's parent is gone."""
+    _postgresql_only(seeded)
+    assert upload(api, instance(1)).status_code == 200
+    with seeded.app_context(), db.engine.connect().execution_options(isolation_level="READ COMMITTED") as deleter:
+        deleter.execute(delete(series))  # uncommitted: it holds the series row
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(upload, api, instance(2))
+            _wait_for_a_blocked_statement(deleter)
+            deleter.commit()
+            response = pending.result(timeout=30)
+    assert response.status_code == 200, response.get_json()
+    assert [row.sop_instance_uid for row in instance_rows(seeded)] == [ids_of(instance(2))["SOPInstanceUID"]]
+    assert list(series_files(api, ids_of(instance(2))).values()) == [instance(2)]
+
+
+def test_a_repeated_upload_whose_instance_is_deleted_under_it_is_stored_anew(api, seeded, monkeypatch):
+    """The delete commits between the upload's lookup and its comparison with the stored file."""
+    _postgresql_only(seeded)
+    assert upload(api, instance(1)).status_code == 200
+    compare = filecmp.cmp
+
+    def delete_then_compare(ours, stored, shallow=True):
+        with seeded.app_context(), db.engine.begin() as deleter:
+            deleter.execute(delete(series))
+        os.remove(stored)  # as the delete's own clean-up would
+        return compare(ours, stored, shallow)
+
+    monkeypatch.setattr("gateway.archive.filecmp.cmp", delete_then_compare)
+    response = upload(api, instance(1))
+    assert response.status_code == 200, response.get_json()
+    assert row_counts(seeded) == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
+    assert list(series_files(api, ids_of(instance(1))).values()) == [instance(1)]
 
 
 def test_a_broken_multipart_body_is_a_400_that_leaves_nothing(api, seeded):

@@ -5,7 +5,10 @@ import zipfile
 import pydicom
 import pytest
 
+from sqlalchemy.exc import OperationalError
+
 from gateway.auth.users import create_user, grant
+from gateway.db import db
 from tests.conftest import PASSWORD, assert_error, credentials, instance
 
 ALPHA = {"Project": "alpha", "Archive": "main"}
@@ -234,6 +237,24 @@ def test_delete_answers_ok_when_a_file_cannot_be_removed(seeded, stored, monkeyp
     monkeypatch.setattr("gateway.storage.FileStorage.delete", broken_delete)
     assert stored.get("patient/delete/", **ALPHA, PatientID=PATIENT).json == {"status": "Ok"}
     assert_error(stored.get("patient/get/", **ALPHA, PatientID=PATIENT), 404, "object_not_found", "patient_not_found")
+
+
+def test_a_delete_whose_rows_stay_keeps_every_file(seeded, stored, monkeypatch):
+    """Rows go before files: a delete that fails to commit has removed no file its rows point at."""
+    files_before = _storage_files(seeded)
+
+    def failing_commit(session):
+        raise OperationalError("COMMIT", {}, Exception("connection lost"))
+
+    with seeded.app_context():
+        monkeypatch.setattr(type(db.session()), "commit", failing_commit)
+    study = {**ALPHA, "PatientID": PATIENT, "StudyInstanceUID": STUDY}
+    for call, params in (("series/delete/", SERIES_PARAMS), ("study/delete/", study), ("patient/delete/", study)):
+        assert_error(stored.get(call, **params), 500, "internal_error", None)
+    monkeypatch.undo()
+    assert _storage_files(seeded) == files_before
+    with zipfile.ZipFile(io.BytesIO(stored.get("dicom/get/", **SERIES_PARAMS).data)) as archive:
+        assert len(archive.namelist()) == 3
 
 
 def test_series_whose_files_vanished_has_no_dicom_available(seeded, stored):
