@@ -43,12 +43,18 @@ class FileStorage:
             handle.flush()
             os.fsync(handle.fileno())
             handle.close()
-        self.path(key).parent.mkdir(exist_ok=True)
+        folder = self.path(key).parent
+        if not folder.is_dir():
+            folder.mkdir(exist_ok=True)
+            _sync_folder(self.root)
 
     def place(self, handle, key):
-        """Move a finished temp file to `key` atomically."""
+        """Move a finished temp file to `key` atomically and durably: its folder is synced after the
+        rename, so a row committed next cannot outlive the file's name in a power cut."""
         self.prepare(handle, key)
-        os.replace(handle.name, self.path(key))
+        target = self.path(key)
+        os.replace(handle.name, target)
+        _sync_folder(target.parent)
 
     @contextmanager
     def spooled(self, source):
@@ -74,3 +80,11 @@ class FileStorage:
 
     def discard_temp(self, temp_path):
         Path(temp_path).unlink(missing_ok=True)
+
+
+def _sync_folder(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -569,6 +569,22 @@ def test_upload_needs_credentials(api, seeded):
         assert_nothing_stored(seeded)
 
 
+def test_credentials_and_permission_come_before_the_body_is_read(api, seeded, monkeypatch):
+    """A stranger's upload is never spooled, and a wrong password is a 401 even for an oversized body."""
+    spooled = []
+    monkeypatch.setattr(FileStorage, "temp_file", lambda storage: spooled.append(1))
+    with seeded.app_context():
+        create_user("frank", "frank@example.org", PASSWORD)
+        add_member("alpha", "frank", can_upload=True)  # a member, but without api_instance_upload
+    oversized = make_instance("PAT-1", "1.2.3.1", "1.2.3.1.1", "1.2.3.1.1.1", rows=1500, columns=1500)
+    for data in (instance(1), oversized):
+        assert_error(api.upload(data, headers=credentials("alice", "wrong")), 401, "not_authenticated", None)
+        assert_error(api.upload(data, headers=credentials("nobody")), 401, "not_authenticated", None)
+        assert_error(api.upload(data, headers=credentials("frank")), 403, "api_call_not_allowed", None)
+    assert spooled == []
+    assert row_counts(seeded) == NOTHING
+
+
 def test_upload_needs_the_api_instance_upload_permission(api_for, seeded):
     with seeded.app_context():
         create_user("dave", "dave@example.org", PASSWORD)
@@ -720,6 +736,27 @@ def test_a_repeated_upload_whose_instance_is_deleted_under_it_is_stored_anew(api
     assert response.status_code == 200, response.get_json()
     assert row_counts(seeded) == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
     assert list(series_files(api, ids_of(instance(1))).values()) == [instance(1)]
+
+
+def test_a_placed_file_is_synced_with_its_folder(tmp_path, monkeypatch):
+    """The file's bytes, then the new folder's entry, then (after the rename) the file's own entry."""
+    synced = []
+    sync = os.fsync
+
+    def recording_sync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        sync(descriptor)
+
+    monkeypatch.setattr("gateway.storage.os.fsync", recording_sync)
+    files = FileStorage(tmp_path)
+    # a key in a new folder, then one in the same folder
+    for digit, folder_entry in (("0", [str(tmp_path)]), ("1", [])):
+        handle = files.temp_file()
+        handle.write(b"DICM")
+        key = f"ab/{digit * 32}.dcm"
+        files.place(handle, key)
+        assert synced == [handle.name, *folder_entry, str(tmp_path / "ab")]
+        synced.clear()
 
 
 def test_a_broken_multipart_body_is_a_400_that_leaves_nothing(api, seeded):

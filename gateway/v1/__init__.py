@@ -33,6 +33,8 @@ def _authorised_call(permission, *parameters, check_body=None):
     username, password = request.headers.get("X-USERNAME"), request.headers.get("X-PASSWORD")
     if not username or not password:  # answered before an upload's body is read
         raise NotAuthenticated(None, "X-USERNAME and X-PASSWORD headers are required")
+    if request.method == "POST":  # credentials and permission before the body is read: a stranger's is never spooled
+        authenticate(username, password, permission)
     values = [request.values.get(name) for name in ("Project", "Archive", *parameters)]
     project, archive = (value if _storable(value) else None for value in values[:2])
     access = authenticate(username, password, permission, project, archive)
