@@ -569,15 +569,17 @@ def test_upload_needs_credentials(api, seeded):
         assert_nothing_stored(seeded)
 
 
-def test_credentials_and_permission_come_before_the_body_is_read(api, seeded, monkeypatch):
-    """A stranger's upload is never spooled, and a wrong password is a 401 even for an oversized body."""
+def test_credentials_and_permission_come_before_a_large_body_is_read(api, seeded, monkeypatch):
+    """A stranger's large upload is never spooled, and a wrong password is a 401 even for an oversized body."""
     spooled = []
     monkeypatch.setattr(FileStorage, "temp_file", lambda storage: spooled.append(1))
     with seeded.app_context():
         create_user("frank", "frank@example.org", PASSWORD)
         add_member("alpha", "frank", can_upload=True)  # a member, but without api_instance_upload
+    large = make_instance("PAT-1", "1.2.3.1", "1.2.3.1.1", "1.2.3.1.1.1", rows=800, columns=800)
     oversized = make_instance("PAT-1", "1.2.3.1", "1.2.3.1.1", "1.2.3.1.1.1", rows=1500, columns=1500)
-    for data in (instance(1), oversized):
+    assert 1 << 20 < len(large) < 4 * 1024 * 1024 < len(oversized)  # over 1 MiB; the app fixture's MAX_UPLOAD_MB
+    for data in (large, oversized):
         assert_error(api.upload(data, headers=credentials("alice", "wrong")), 401, "not_authenticated", None)
         assert_error(api.upload(data, headers=credentials("nobody")), 401, "not_authenticated", None)
         assert_error(api.upload(data, headers=credentials("frank")), 403, "api_call_not_allowed", None)
@@ -739,7 +741,7 @@ def test_a_repeated_upload_whose_instance_is_deleted_under_it_is_stored_anew(api
 
 
 def test_a_placed_file_is_synced_with_its_folder(tmp_path, monkeypatch):
-    """The file's bytes, then the new folder's entry, then (after the rename) the file's own entry."""
+    """A new folder's entry, then the file's bytes under its final name, then the file's entry."""
     synced = []
     sync = os.fsync
 
@@ -755,7 +757,7 @@ def test_a_placed_file_is_synced_with_its_folder(tmp_path, monkeypatch):
         handle.write(b"DICM")
         key = f"ab/{digit * 32}.dcm"
         files.place(handle, key)
-        assert synced == [handle.name, *folder_entry, str(tmp_path / "ab")]
+        assert synced == [*folder_entry, str(tmp_path / key), str(tmp_path / "ab")]
         synced.clear()
 
 
