@@ -209,12 +209,13 @@ def _free_port():
 
 @pytest.fixture
 def gunicorn(tmp_path):
-    """Starts `gunicorn wsgi:app` (2 workers × 4 threads) on the store of an app; returns (base URL, log path)."""
+    """Starts `gunicorn wsgi:app` (2 workers × 4 threads), or with `via_cli` `gateway serve` (its own
+    defaults), on the store of an app; returns (base URL, log path)."""
     processes = []
 
-    def start(app, extra_env=None):
-        executable = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
-        assert executable, "gunicorn is not installed beside the test interpreter"
+    def start(app, extra_env=None, via_cli=False):
+        executable = shutil.which("gateway" if via_cli else "gunicorn", path=os.path.dirname(sys.executable))
+        assert executable, "the gateway is not installed beside the test interpreter"
         # Only the settings under test: the caller's GATEWAY_* variables must not change the server.
         env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
         env.update(GATEWAY_DATABASE_URL=app.config["DATABASE_URL"], GATEWAY_STORAGE_DIR=app.config["STORAGE_DIR"])
@@ -223,12 +224,13 @@ def gunicorn(tmp_path):
             db.engine.dispose()  # the server's processes must not inherit pooled connections
         port = _free_port()
         log_path = tmp_path / f"gunicorn-{port}.log"
+        if via_cli:
+            command = [executable, "serve", "--bind", f"127.0.0.1:{port}"]
+        else:  # gunicorn's control socket is one per machine user
+            command = [executable, "-w", "2", "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{port}",
+                       "--no-control-socket", "wsgi:app"]
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [executable, "-w", "2", "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{port}",
-                 "--no-control-socket", "wsgi:app"],  # gunicorn's control socket is one per machine user
-                cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
+            process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         processes.append(process)
         base_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 15
