@@ -9,7 +9,7 @@ import logging
 
 from flask import current_app
 from sqlalchemy import and_, bindparam, delete, literal, select
-from sqlalchemy.exc import IntegrityError, NoResultFound
+from sqlalchemy.exc import IntegrityError
 from werkzeug.utils import secure_filename
 
 from .db import DIALECT_INSERTS, db, utcnow, write_transaction
@@ -38,6 +38,10 @@ def _insert_ignoring_conflict(session, table, values):
     session.execute(insert_for_dialect(table).values(**values).on_conflict_do_nothing())
 
 
+class _LostToADelete(Exception):
+    """A row or file that an upload's transaction had seen was removed by a delete that committed since."""
+
+
 def _get_or_create(session, table, key_columns, values):
     """The row (id plus key columns) with these key values, created from `values` if absent; race-safe."""
     where = and_(*(table.c[column] == values[column] for column in key_columns))
@@ -45,7 +49,9 @@ def _get_or_create(session, table, key_columns, values):
     row = session.execute(query).first()
     if row is None:
         _insert_ignoring_conflict(session, table, values)
-        row = session.execute(query).one()
+        row = session.execute(query).first()
+        if row is None:  # the row that our insert gave way to is deleted already
+            raise _LostToADelete(table.name)
     return row
 
 
@@ -155,8 +161,8 @@ def store_instance(archive, handle, size, filename):
             try:
                 written = _write_instance_row(archive, tags, lookup, row)
                 break
-            except _LOST_TO_A_DELETE:
-                if attempt == _UPLOAD_ATTEMPTS:
+            except (IntegrityError, _LostToADelete) as error:
+                if attempt == _UPLOAD_ATTEMPTS or not _lost_to_a_delete(error):
                     raise
                 log.info("an upload to archive %s lost a race with a delete; trying again", archive.id)
         if not written:
@@ -167,11 +173,17 @@ def store_instance(archive, handle, size, filename):
     return answer
 
 
-# What an upload's transaction meets when a delete commits under it on PostgreSQL (SQLite's write lock
-# keeps the two apart): its new row's parent is gone, a row it saw is gone, or a file it compares with is.
-# Another go at the whole transaction sees the delete and creates what it removed.
-_LOST_TO_A_DELETE = (IntegrityError, NoResultFound, FileNotFoundError)
 _UPLOAD_ATTEMPTS = 3
+_FOREIGN_KEY_VIOLATION = "23503"
+
+
+def _lost_to_a_delete(error):
+    """Whether a delete committed under the upload's transaction (only PostgreSQL lets one; SQLite's write
+    lock keeps the two apart): a row or file it had seen is gone, or its new row's parent. Another go at
+    the whole transaction sees the delete and creates what it removed."""
+    if isinstance(error, IntegrityError):
+        return getattr(error.orig, "sqlstate", None) == _FOREIGN_KEY_VIOLATION
+    return True
 
 
 def _write_instance_row(archive, tags, lookup, row):
@@ -201,7 +213,10 @@ def _store_in_new_or_other_series(archive, tags, lookup, row):
             _INSERT_INSTANCE[connection.dialect.name], {**row, "archive_id": archive.id, "series_pk": series_pk}
         ).first()
         if inserted is None:  # another client stored this instance a moment ago
-            _check_same_instance(connection.execute(_UPLOAD_LOOKUP, lookup).one(), our_file, row["size_bytes"], tags)
+            stored = connection.execute(_UPLOAD_LOOKUP, lookup).one()
+            if stored.storage_key is None:  # and it is deleted already
+                raise _LostToADelete("instances")
+            _check_same_instance(stored, our_file, row["size_bytes"], tags)
             return False
     return True
 
@@ -239,11 +254,17 @@ def _create_parents(session, archive, tags):
 
 
 def _check_same_instance(existing, our_file, size, tags):
-    same = (
-        existing.instance_series_uid == tags.series_uid
-        and existing.size_bytes == size
-        and filecmp.cmp(our_file, storage().path(existing.storage_key), shallow=False)
-    )
+    stored_file = storage().path(existing.storage_key)
+    try:
+        same = (
+            existing.instance_series_uid == tags.series_uid
+            and existing.size_bytes == size
+            and filecmp.cmp(our_file, stored_file, shallow=False)
+        )
+    except FileNotFoundError:
+        if stored_file.exists():  # it is our own file that is missing
+            raise
+        raise _LostToADelete("instances") from None  # a delete removes the rows, then the files
     if not same:
         raise Conflict(
             "conflicting_instance",

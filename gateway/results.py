@@ -89,7 +89,7 @@ def add_result(archive, patient_id, study_uid, series_uid, result_type, name, al
         if size == 0:
             raise InvalidValue("no_data_submitted", "the result file is empty")
         key = storage().new_key("bin")
-        storage().prepare(handle, key)  # fsync and folder before the transaction (SQLite's write lock)
+        storage().prepare(handle)  # the fsync before the transaction (SQLite's write lock)
         row.update(
             value_kind="file",
             storage_key=key,

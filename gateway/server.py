@@ -22,7 +22,8 @@ def serve(app, bind, workers):
         "workers": workers,
         # sync workers: every request is a new connection, so the kernel spreads the load over the
         # workers; threaded workers keep a client's connection on one worker, and a few busy clients
-        # can leave the other worker (and core) idle (bench/archive_v1.py shows both)
+        # can leave the other worker (and core) idle (bench/archive_v1.py --worker-args shows each
+        # worker's CPU under either)
         "worker_class": "sync",
         "control_socket_disable": True,  # one per machine user: two gateways would share it
     }

@@ -10,8 +10,10 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-# One level of 256 folders: made once each, not (as with two levels) on nearly every new file.
+# One level of 256 folders, all made (and made durable) when the storage opens: placing a file then
+# never makes a folder, so no two workers race to make one and sync it.
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{32}\.[a-z0-9]{1,8}$")
+_FOLDERS = [f"{number:02x}" for number in range(256)]
 
 
 class FileStorage:
@@ -19,6 +21,9 @@ class FileStorage:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for folder in _FOLDERS:
+            (self.root / folder).mkdir(exist_ok=True)
+        _sync_folder(self.root)
 
     def new_key(self, suffix="dcm"):
         name = uuid.uuid4().hex
@@ -36,21 +41,19 @@ class FileStorage:
         """
         return open(self.tmp_dir / f"{uuid.uuid4().hex}.part", "xb+")
 
-    def prepare(self, handle, key):
-        """Everything slow about placing a temp file (from temp_file) at `key`, done ahead: flush to
-        disk and close it (its name stays readable), make the folder."""
+    def prepare(self, handle):
+        """What is slow about placing a temp file (from temp_file), done ahead: flush it to disk and
+        close it (its name stays readable)."""
         if not handle.closed:
             handle.flush()
             os.fsync(handle.fileno())
             handle.close()
-        self._make_folder(key)
 
     def place(self, handle, key):
         """Move a finished temp file to `key` atomically and durably: its folder is synced last, so a
         row committed next cannot outlive the file's name in a power cut. An open file is renamed before
         its bytes are synced, which under concurrent uploads costs fewer journal commits than the other
         way round; a reader still never sees half a file."""
-        self._make_folder(key)
         if not handle.closed:
             handle.flush()
         os.replace(handle.name, self.path(key))
@@ -58,12 +61,6 @@ class FileStorage:
             os.fsync(handle.fileno())
             handle.close()
         _sync_folder(self.path(key).parent)
-
-    def _make_folder(self, key):
-        folder = self.path(key).parent
-        if not folder.is_dir():
-            folder.mkdir(exist_ok=True)
-            _sync_folder(self.root)
 
     @contextmanager
     def spooled(self, source):

@@ -214,8 +214,9 @@ def gunicorn(tmp_path):
     processes = []
 
     def start(app, extra_env=None, via_cli=False):
-        executable = shutil.which("gateway" if via_cli else "gunicorn", path=os.path.dirname(sys.executable))
-        assert executable, "the gateway is not installed beside the test interpreter"
+        program = "gateway" if via_cli else "gunicorn"
+        executable = shutil.which(program, path=os.path.dirname(sys.executable))
+        assert executable, f"{program} is not installed beside the test interpreter"
         # Only the settings under test: the caller's GATEWAY_* variables must not change the server.
         env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
         env.update(GATEWAY_DATABASE_URL=app.config["DATABASE_URL"], GATEWAY_STORAGE_DIR=app.config["STORAGE_DIR"])

@@ -6,6 +6,7 @@ also checks that no spooled temp file (`tmp/*.part`) outlives its request.
 """
 import filecmp
 import io
+import logging
 import os
 import re
 import struct
@@ -583,6 +584,10 @@ def test_credentials_and_permission_come_before_a_large_body_is_read(api, seeded
         assert_error(api.upload(data, headers=credentials("alice", "wrong")), 401, "not_authenticated", None)
         assert_error(api.upload(data, headers=credentials("nobody")), 401, "not_authenticated", None)
         assert_error(api.upload(data, headers=credentials("frank")), 403, "api_call_not_allowed", None)
+    body, content_type = encode_multipart_formdata({"Project": "alpha", "file": ("a.dcm", large)})
+    response = api.client.delete("/api/v1/series/delete/", data=body, content_type=content_type,
+                                 headers=credentials("alice", "wrong"))
+    assert_error(response, 401, "not_authenticated", None)
     assert spooled == []
     assert row_counts(seeded) == NOTHING
 
@@ -698,32 +703,45 @@ def _postgresql_only(app):
             pytest.skip("SQLite's write lock keeps a delete from committing under an upload")
 
 
-def _wait_for_a_blocked_statement(connection, timeout=10):
+def _wait_until_another_session_waits_for(connection, timeout=10):
+    # pg_locks, not pg_stat_activity: the latter stays as first read inside the transaction
+    blocked = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND pg_backend_pid() = ANY(pg_blocking_pids(pid))")
     deadline = time.monotonic() + timeout
-    while not connection.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar():
+    while not connection.execute(blocked).scalar():
         assert time.monotonic() < deadline, "the upload never waited for the delete's lock"
         time.sleep(0.02)
 
 
-def test_an_upload_whose_series_is_deleted_under_it_is_stored_anew(api, seeded):
+def _assert_tried_again(caplog):
+    assert [record.getMessage() for record in caplog.records if "lost a race" in record.getMessage()] == [
+        "an upload to archive 1 lost a race with a delete; trying again"
+    ]
+
+
+def test_an_upload_whose_series_is_deleted_under_it_is_stored_anew(api, seeded, caplog):
     """The delete commits while the upload's insert waits on the series row: the insert's parent is gone."""
     _postgresql_only(seeded)
+    caplog.set_level(logging.INFO, logger="gateway.archive")
     assert upload(api, instance(1)).status_code == 200
     with seeded.app_context(), db.engine.connect().execution_options(isolation_level="READ COMMITTED") as deleter:
         deleter.execute(delete(series))  # uncommitted: it holds the series row
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(upload, api, instance(2))
-            _wait_for_a_blocked_statement(deleter)
-            deleter.commit()
+            try:
+                _wait_until_another_session_waits_for(deleter)
+            finally:  # the upload waits for this, whatever happened
+                deleter.commit()
             response = pending.result(timeout=30)
     assert response.status_code == 200, response.get_json()
+    _assert_tried_again(caplog)
     assert [row.sop_instance_uid for row in instance_rows(seeded)] == [ids_of(instance(2))["SOPInstanceUID"]]
     assert list(series_files(api, ids_of(instance(2))).values()) == [instance(2)]
 
 
-def test_a_repeated_upload_whose_instance_is_deleted_under_it_is_stored_anew(api, seeded, monkeypatch):
+def test_a_repeated_upload_whose_instance_is_deleted_under_it_is_stored_anew(api, seeded, monkeypatch, caplog):
     """The delete commits between the upload's lookup and its comparison with the stored file."""
     _postgresql_only(seeded)
+    caplog.set_level(logging.INFO, logger="gateway.archive")
     assert upload(api, instance(1)).status_code == 200
     compare = filecmp.cmp
 
@@ -736,12 +754,14 @@ def test_a_repeated_upload_whose_instance_is_deleted_under_it_is_stored_anew(api
     monkeypatch.setattr("gateway.archive.filecmp.cmp", delete_then_compare)
     response = upload(api, instance(1))
     assert response.status_code == 200, response.get_json()
+    _assert_tried_again(caplog)
     assert row_counts(seeded) == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
     assert list(series_files(api, ids_of(instance(1))).values()) == [instance(1)]
 
 
-def test_a_placed_file_is_synced_with_its_folder(tmp_path, monkeypatch):
-    """A new folder's entry, then the file's bytes under its final name, then the file's entry."""
+def test_storage_folders_and_placed_files_are_synced(tmp_path, monkeypatch):
+    """Opening the storage makes its folders and syncs their entries; placing a file syncs its bytes under
+    their final name, then the file's entry."""
     synced = []
     sync = os.fsync
 
@@ -751,14 +771,15 @@ def test_a_placed_file_is_synced_with_its_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr("gateway.storage.os.fsync", recording_sync)
     files = FileStorage(tmp_path)
-    # a key in a new folder, then one in the same folder
-    for digit, folder_entry in (("0", [str(tmp_path)]), ("1", [])):
-        handle = files.temp_file()
-        handle.write(b"DICM")
-        key = f"ab/{digit * 32}.dcm"
-        files.place(handle, key)
-        assert synced == [*folder_entry, str(tmp_path / key), str(tmp_path / "ab")]
-        synced.clear()
+    assert synced == [str(tmp_path)]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f"{number:02x}" for number in range(256)] + ["tmp"]
+    synced.clear()
+    handle = files.temp_file()
+    handle.write(b"DICM")
+    key = files.new_key()
+    files.place(handle, key)
+    assert synced == [str(tmp_path / key), str((tmp_path / key).parent)]
+    assert (tmp_path / key).read_bytes() == b"DICM"
 
 
 def test_a_broken_multipart_body_is_a_400_that_leaves_nothing(api, seeded):

@@ -243,7 +243,10 @@ def test_a_delete_whose_rows_stay_keeps_every_file(seeded, stored, monkeypatch):
     """Rows go before files: a delete that fails to commit has removed no file its rows point at."""
     files_before = _storage_files(seeded)
 
+    refused = []
+
     def failing_commit(session):
+        refused.append(1)
         raise OperationalError("COMMIT", {}, Exception("connection lost"))
 
     with seeded.app_context():
@@ -252,6 +255,7 @@ def test_a_delete_whose_rows_stay_keeps_every_file(seeded, stored, monkeypatch):
     for call, params in (("series/delete/", SERIES_PARAMS), ("study/delete/", study), ("patient/delete/", study)):
         assert_error(stored.get(call, **params), 500, "internal_error", None)
     monkeypatch.undo()
+    assert len(refused) == 3  # each delete reached its commit
     assert _storage_files(seeded) == files_before
     with zipfile.ZipFile(io.BytesIO(stored.get("dicom/get/", **SERIES_PARAMS).data)) as archive:
         assert len(archive.namelist()) == 3
@@ -265,30 +269,38 @@ def test_series_whose_files_vanished_has_no_dicom_available(seeded, stored):
 
 
 V1_CALL_METHODS = {  # every call of the archive API v1 and the methods it answers
-    "instance/upload/": "POST",
-    "patient/get/": "GET",
-    "patient/delete/": "GET, DELETE",
-    "study/get/": "GET",
-    "patient/studies/list/": "GET",
-    "study/delete/": "GET, DELETE",
-    "series/get/": "GET",
-    "patient/study/series/list/": "GET",
-    "dicom/get/": "GET",
-    "series/delete/": "GET, DELETE",
-    "series/results/add/": "POST",
-    "series/results/": "GET",
-    "patient/study/series/forms/list/": "GET",
-    "patient/study/series/forms/add/": "POST",
+    "instance/upload/": {"POST"},
+    "patient/get/": {"GET"},
+    "patient/delete/": {"GET", "DELETE"},
+    "study/get/": {"GET"},
+    "patient/studies/list/": {"GET"},
+    "study/delete/": {"GET", "DELETE"},
+    "series/get/": {"GET"},
+    "patient/study/series/list/": {"GET"},
+    "dicom/get/": {"GET"},
+    "series/delete/": {"GET", "DELETE"},
+    "series/results/add/": {"POST"},
+    "series/results/": {"GET"},
+    "patient/study/series/forms/list/": {"GET"},
+    "patient/study/series/forms/add/": {"POST"},
 }
+
+
+def _allowed(methods):
+    """What Allow lists: OPTIONS always, HEAD beside a GET that does not delete."""
+    return methods | {"OPTIONS"} | ({"HEAD"} if methods == {"GET"} else set())
 
 
 def test_wrong_method_and_unknown_call(stored):
     for call, methods in V1_CALL_METHODS.items():
-        for method in {"GET", "POST", "PUT", "DELETE"} - set(methods.split(", ")):
+        for method in {"GET", "POST", "PUT", "DELETE", "HEAD"} - _allowed(methods):
             response = stored.client.open(f"/api/v1/{call}", method=method, headers=stored.headers)
-            assert_error(response, 405, "method_not_allowed", None)
-            allowed = set(response.headers["Allow"].split(", "))
-            assert set(methods.split(", ")) <= allowed and method not in allowed, (call, method)
+            assert response.status_code == 405, (call, method)
+            if method != "HEAD":  # a HEAD answer has no body
+                assert_error(response, 405, "method_not_allowed", None)
+            assert set(response.headers["Allow"].split(", ")) == _allowed(methods), (call, method)
+        options = stored.client.options(f"/api/v1/{call}")
+        assert set(options.headers["Allow"].split(", ")) == _allowed(methods), call
     assert_error(stored.get("patient/nothing/"), 404, "object_not_found", "unknown_call")
 
 
@@ -296,7 +308,7 @@ def test_head_never_deletes(stored):
     study = {**ALPHA, "PatientID": PATIENT, "StudyInstanceUID": STUDY}
     for call, params in (("series/delete/", SERIES_PARAMS), ("study/delete/", study), ("patient/delete/", study)):
         response = stored.client.head(f"/api/v1/{call}", query_string=params, headers=stored.headers)
-        assert (response.status_code, response.headers["Allow"]) == (405, "GET, DELETE")
+        assert (response.status_code, response.headers["Allow"]) == (405, "DELETE, GET, OPTIONS")
     assert stored.get("series/get/", **SERIES_PARAMS).status_code == 200
     assert stored.client.head("/api/v1/series/get/", query_string=SERIES_PARAMS, headers=stored.headers).status_code == 200
 

@@ -1,8 +1,7 @@
 """The archive API v1 blueprint (`/api/v1/…`): a thin layer over gateway.archive."""
-import functools
 import logging
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed
 from werkzeug.utils import secure_filename
 
@@ -20,8 +19,9 @@ PATIENT = ("PatientID",)
 STUDY = ("PatientID", "StudyInstanceUID")
 SERIES = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
 DELETE_METHODS = ("GET", "DELETE")
-# A body up to this size is read before the credentials are checked, which spares small uploads a
-# query (a stranger costs no more than answering them); a larger or unsized one waits for them.
+# A body up to this size (or the upload limit, if smaller) is read before the credentials are checked,
+# which spares small uploads a query (a stranger costs no more than answering them); a larger or
+# unsized one waits for the credentials and the call's permission.
 _SMALL_BODY_BYTES = 1 << 20
 
 
@@ -36,9 +36,8 @@ def _authorised_call(permission, *parameters, check_body=None):
     username, password = request.headers.get("X-USERNAME"), request.headers.get("X-PASSWORD")
     if not username or not password:  # answered before an upload's body is read
         raise NotAuthenticated(None, "X-USERNAME and X-PASSWORD headers are required")
-    length = request.content_length
-    if request.method == "POST" and (length is None or length > _SMALL_BODY_BYTES):
-        authenticate(username, password, permission)  # before the body is read: a stranger's is never spooled
+    if request.method != "GET" and _body_waits_for_credentials():  # werkzeug reads a form for every other method
+        authenticate(username, password, permission)  # so a stranger's body is never spooled
     values = [request.values.get(name) for name in ("Project", "Archive", *parameters)]
     project, archive = (value if _storable(value) else None for value in values[:2])
     access = authenticate(username, password, permission, project, archive)
@@ -53,19 +52,26 @@ def _authorised_call(permission, *parameters, check_body=None):
     return access.id, archive_ref(access, values[0], values[1]), values[2:]
 
 
+def _body_waits_for_credentials():
+    length = request.content_length
+    return length is None or length > min(_SMALL_BODY_BYTES, current_app.config["MAX_CONTENT_LENGTH"])
+
+
 def _deleting_route(rule):
-    """GET or DELETE. Flask answers HEAD wherever GET is allowed, and a HEAD must never delete."""
+    """GET or DELETE, but not the HEAD that werkzeug adds to every rule with GET: a HEAD must never
+    delete. Taken off the rule itself, so routing refuses it and no Allow header or OPTIONS lists it."""
 
     def register(view):
-        @functools.wraps(view)
-        def refusing_head():
-            if request.method == "HEAD":
-                raise MethodNotAllowed(valid_methods=DELETE_METHODS)
-            return view()
-
-        return bp.route(rule, methods=DELETE_METHODS)(refusing_head)
+        bp.add_url_rule(rule, view_func=view, methods=DELETE_METHODS)
+        bp.record(lambda state: _drop_head(state.app, f"{state.name}.{view.__name__}"))
+        return view
 
     return register
+
+
+def _drop_head(app, endpoint):
+    for url_rule in app.url_map.iter_rules(endpoint):
+        url_rule.methods.discard("HEAD")
 
 
 def _uploaded_file():
@@ -227,7 +233,7 @@ def register_error_handlers(app):
             message = error.description
         response = _error_body(error.code, error_type or _value_error_type(), suberror_type, message.format(method=request.method))
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
-            response.headers["Allow"] = ", ".join(error.valid_methods)
+            response.headers["Allow"] = ", ".join(sorted(error.valid_methods))
         return response
 
     @app.errorhandler(Exception)
