@@ -713,9 +713,8 @@ def _wait_until_another_session_waits_for(connection, timeout=10):
 
 
 def _assert_tried_again(caplog):
-    assert [record.getMessage() for record in caplog.records if "lost a race" in record.getMessage()] == [
-        "an upload to archive 1 lost a race with a delete; trying again"
-    ]
+    retries = [record for record in caplog.records if "lost a race with a delete; trying again" in record.getMessage()]
+    assert len(retries) == 1
 
 
 def test_an_upload_whose_series_is_deleted_under_it_is_stored_anew(api, seeded, caplog):

@@ -4,7 +4,6 @@ import zipfile
 
 import pydicom
 import pytest
-
 from sqlalchemy.exc import OperationalError
 
 from gateway.auth.users import create_user, grant
@@ -242,7 +241,6 @@ def test_delete_answers_ok_when_a_file_cannot_be_removed(seeded, stored, monkeyp
 def test_a_delete_whose_rows_stay_keeps_every_file(seeded, stored, monkeypatch):
     """Rows go before files: a delete that fails to commit has removed no file its rows point at."""
     files_before = _storage_files(seeded)
-
     refused = []
 
     def failing_commit(session):
