@@ -5,7 +5,9 @@ UIDs in two archives are two different objects.
 """
 import filecmp
 import functools
+import itertools
 import logging
+import time
 
 from flask import current_app
 from sqlalchemy import and_, bindparam, delete, literal, select
@@ -447,6 +449,51 @@ def _delete_rows_then_files(table, row_id, series_ids, not_found):
         if session.execute(delete(table).where(table.c.id == row_id)).rowcount != 1:
             raise not_found  # deleted by another client since it was looked up
     remove_files(keys)
+
+
+# --- storage sweep -------------------------------------------------------------------------------------
+
+_SWEEP_BATCH = 1000
+
+
+def sweep_storage(min_age_seconds, remove=True):
+    """Yield (name, size) of each file that no row refers to, older than `min_age_seconds`, and remove
+    it unless `remove` is false: files that a crash left between placing them and committing their row,
+    or that a delete could not remove, and the temp files of uploads whose worker was killed.
+
+    The age keeps the sweep away from uploads in flight (a file is placed just before its row commits);
+    every upload gets a new key, so an unreferenced file of that age never gains a row.
+    """
+    cutoff = time.time() - min_age_seconds
+    files = storage()
+    old_files = (
+        (key, size) for key, path in files.placed_files() if (size := _size_if_older(path, cutoff)) is not None
+    )
+    while batch := dict(itertools.islice(old_files, _SWEEP_BATCH)):
+        referenced = db.session.execute(
+            select(instances.c.storage_key)
+            .where(instances.c.storage_key.in_(list(batch)))
+            .union_all(select(series_results.c.storage_key).where(series_results.c.storage_key.in_(list(batch))))
+        ).scalars().all()
+        for key in sorted(batch.keys() - set(referenced)):
+            if remove:
+                files.delete(key)
+            yield key, batch[key]
+    for path in sorted(files.temp_paths()):
+        size = _size_if_older(path, cutoff)
+        if size is not None:
+            if remove:
+                files.discard_temp(path)
+            yield f"tmp/{path.name}", size
+
+
+def _size_if_older(path, cutoff):
+    """The file's size if it was last written before `cutoff`; None if it is newer or gone."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_size if status.st_mtime < cutoff else None
 
 
 def remove_files(keys):

@@ -15,7 +15,7 @@ from .annotations.dictionary import DEFAULT_SOURCES, load_sample, load_semehr_cs
 from .annotations.importer import import_folder
 from .annotations.mappings import load_mappings
 from .annotations.transactions import recent as recent_transactions
-from .archive import storage
+from .archive import storage, sweep_storage
 from .auth.users import create_user, grant, set_password
 from .db import init_db, schema_exists
 from .demo import seed_demo
@@ -74,6 +74,7 @@ concepts_group = click.Group("concepts", help="The concept dictionary that expan
 transactions_group = click.Group("transactions", help="The record of annotation API searches.")
 mappings_group = click.Group("mappings", help="Named mappings of terms to CUIs, for the annotation API.")
 annotations_group = click.Group("annotations", help="The annotation store: NLP results of report documents.")
+storage_group = click.Group("storage", help="The folder of DICOM and result files.")
 SERIES_ARGUMENTS = ("project", "archive", "patient_id", "study_uid", "series_uid")
 
 
@@ -228,6 +229,20 @@ def annotations_import(json_dir, text_dir, meta_dir, batch_size):
         raise click.ClickException(f"every file was skipped ({total})")
 
 
+@admin_command(storage_group, "sweep")
+@click.option("--min-age-hours", default=24.0, show_default=True, type=click.FloatRange(min=1),
+              help="Only files last written longer ago than this: never an upload in flight.")
+@click.option("--dry-run", is_flag=True, help="List what would be removed, and remove nothing.")
+def storage_sweep(min_age_hours, dry_run):
+    """Remove files that no row refers to (a crash's or a failed removal's) and stale upload temp files."""
+    count = total = 0
+    for name, size in sweep_storage(min_age_hours * 3600, remove=not dry_run):
+        count, total = count + 1, total + size
+        if dry_run:
+            click.echo(name)
+    click.echo(f"{'would remove' if dry_run else 'removed'} {count} files ({total / 1e6:.1f} MB)")
+
+
 @admin_command(transactions_group, "list")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))
 def transactions_list(limit):
@@ -307,6 +322,7 @@ def register_commands(app):
         transactions_group,
         mappings_group,
         annotations_group,
+        storage_group,
         demo_command,
         serve_command,
     ):

@@ -87,6 +87,18 @@ class FileStorage:
     def discard_temp(self, temp_path):
         Path(temp_path).unlink(missing_ok=True)
 
+    def placed_files(self):
+        """(key, path) of every file placed in the storage, one folder at a time; anything else that lies
+        in the folders (not named as a key) is not the storage's, and is left out."""
+        for folder in _FOLDERS:
+            for path in (self.root / folder).iterdir():
+                key = f"{folder}/{path.name}"
+                if _KEY.match(key):
+                    yield key, path
+
+    def temp_paths(self):
+        return self.tmp_dir.glob("*.part")
+
 
 def _sync_folder(path):
     descriptor = os.open(path, os.O_RDONLY)

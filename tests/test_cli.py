@@ -1,6 +1,9 @@
 """The admin command line, run through Flask's CLI runner against both stores."""
 import json
+import os
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -11,7 +14,11 @@ from gateway.annotations.store import doc_detail, document_uids, linked_instance
 from gateway.db import db
 from gateway.demo import DEMO_MAPPING, DEMO_PASSWORD, DEMO_USER, demo_uid
 from gateway.models import annotations, concepts, documents
-from tests.conftest import ANNOTATION_FIXTURES, credentials
+from tests.conftest import ANNOTATION_FIXTURES, credentials, instance
+from tests.test_results import PNG
+from tests.test_results import add as add_result
+from tests.test_results import get as get_results
+from tests.test_v1_calls import SERIES_PARAMS
 
 
 @pytest.fixture
@@ -250,3 +257,34 @@ def test_settings_come_from_gateway_variables(tmp_path, monkeypatch):
     assert app.extensions["gateway.storage"].root == tmp_path / "files"
     assert app.config["MAX_CONTENT_LENGTH"] == 2 * 1024 * 1024
     assert app.config["PASSPHRASE"] == "1234"
+
+
+def test_storage_sweep_removes_only_old_files_that_nothing_refers_to(app, cli, api):
+    assert api.upload(instance(1)).status_code == 200
+    assert add_result(api, "heatmap", file=("map.png", PNG)).status_code == 200
+    root = Path(app.config["STORAGE_DIR"])
+    referenced = [path for path in root.rglob("*") if path.is_file() and path.parent.name != "tmp"]
+    assert len(referenced) == 2  # the instance and the result file
+    orphan = root / "ab" / f"{'0' * 32}.dcm"  # as a crash between placing a file and its commit leaves it
+    recent_orphan = root / "cd" / f"{'1' * 32}.dcm"  # as an upload in flight has it
+    stale_temp, fresh_temp = root / "tmp" / "dead.part", root / "tmp" / "live.part"
+    stranger = root / "ab" / "notes.txt"  # not named as a key: not the storage's
+    for path in (orphan, recent_orphan, stale_temp, fresh_temp, stranger):
+        path.write_bytes(b"x" * 1000)
+    two_days_ago = time.time() - 48 * 3600
+    for path in (*referenced, orphan, stale_temp, stranger):
+        os.utime(path, (two_days_ago, two_days_ago))
+
+    dry_run = cli("storage", "sweep", "--dry-run")
+    assert dry_run.exit_code == 0, dry_run.output
+    assert dry_run.output.splitlines() == [f"ab/{'0' * 32}.dcm", "tmp/dead.part", "would remove 2 files (0.0 MB)"]
+    assert orphan.exists() and stale_temp.exists()
+
+    swept = cli("storage", "sweep")
+    assert (swept.exit_code, swept.output) == (0, "removed 2 files (0.0 MB)\n")
+    assert not orphan.exists() and not stale_temp.exists()
+    assert all(path.exists() for path in (*referenced, recent_orphan, fresh_temp, stranger))
+    assert api.get("dicom/get/", **SERIES_PARAMS).status_code == 200
+    assert get_results(api, "heatmap").status_code == 200
+    assert cli("storage", "sweep").output == "removed 0 files (0.0 MB)\n"
+    assert cli("storage", "sweep", "--min-age-hours", "0.5").exit_code == 2  # never near an upload in flight
