@@ -14,7 +14,7 @@ from sqlalchemy import and_, bindparam, delete, literal, select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.utils import secure_filename
 
-from .db import DIALECT_INSERTS, db, utcnow, write_transaction
+from .db import DIALECT_INSERTS, db, in_values, utcnow, write_transaction
 from .dicom_ingest import read_instance
 from .errors import Conflict, ObjectNotFound
 from .models import instances, patients, series, series_results, studies
@@ -462,20 +462,19 @@ def sweep_storage(min_age_seconds, remove=True):
     or that a delete could not remove, and the temp files of uploads whose worker was killed.
 
     The age keeps the sweep away from uploads in flight (a file is placed just before its row commits);
-    every upload gets a new key, so an unreferenced file of that age never gains a row.
+    every upload gets a new key, so an unreferenced file of that age never gains a row. ValueError,
+    before anything is removed, when the database does not describe this storage folder.
     """
     cutoff = time.time() - min_age_seconds
     files = storage()
+    _check_database_describes(files)
     old_files = (
         (key, size) for key, path in files.placed_files() if (size := _size_if_older(path, cutoff)) is not None
     )
     while batch := dict(itertools.islice(old_files, _SWEEP_BATCH)):
-        referenced = db.session.execute(
-            select(instances.c.storage_key)
-            .where(instances.c.storage_key.in_(list(batch)))
-            .union_all(select(series_results.c.storage_key).where(series_results.c.storage_key.in_(list(batch))))
-        ).scalars().all()
-        for key in sorted(batch.keys() - set(referenced)):
+        referenced = set(_referenced_keys(batch))
+        db.session.rollback()  # no read transaction (on SQLite, a WAL snapshot) held across the walk
+        for key in sorted(batch.keys() - referenced):
             if remove:
                 files.delete(key)
             yield key, batch[key]
@@ -485,6 +484,27 @@ def sweep_storage(min_age_seconds, remove=True):
             if remove:
                 files.discard_temp(path)
             yield f"tmp/{path.name}", size
+
+
+def _referenced_keys(keys):
+    return db.session.execute(
+        select(instances.c.storage_key)
+        .where(in_values(instances.c.storage_key, keys))
+        .union_all(select(series_results.c.storage_key).where(in_values(series_results.c.storage_key, keys)))
+    ).scalars()
+
+
+def _check_database_describes(files):
+    """A sweep against another gateway's database would take every file here for an orphan."""
+    some_key = db.session.execute(select(instances.c.storage_key).limit(1)).scalar() or db.session.execute(
+        select(series_results.c.storage_key).where(series_results.c.storage_key.is_not(None)).limit(1)
+    ).scalar()
+    if some_key is None:
+        raise ValueError("the database refers to no stored file at all, so every file in the storage folder would "
+                         "go: check GATEWAY_DATABASE_URL and GATEWAY_STORAGE_DIR")
+    if not files.exists(some_key):
+        raise ValueError("the database refers to files that are not in this storage folder: "
+                         "GATEWAY_DATABASE_URL and GATEWAY_STORAGE_DIR must be the same gateway's")
 
 
 def _size_if_older(path, cutoff):

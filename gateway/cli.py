@@ -236,10 +236,12 @@ def annotations_import(json_dir, text_dir, meta_dir, batch_size):
 def storage_sweep(min_age_hours, dry_run):
     """Remove files that no row refers to (a crash's or a failed removal's) and stale upload temp files."""
     count = total = 0
-    for name, size in sweep_storage(min_age_hours * 3600, remove=not dry_run):
-        count, total = count + 1, total + size
-        if dry_run:
+    try:
+        for name, size in sweep_storage(min_age_hours * 3600, remove=not dry_run):
+            count, total = count + 1, total + size
             click.echo(name)
+    except OSError as error:
+        raise click.ClickException(f"stopped after {count} files: {error}") from None
     click.echo(f"{'would remove' if dry_run else 'removed'} {count} files ({total / 1e6:.1f} MB)")
 
 

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from gateway import create_app
 from gateway.annotations.mappings import get_mapping
 from gateway.annotations.query import parse_query, search_annotations
 from gateway.annotations.store import doc_detail, document_uids, linked_instances
 from gateway.db import db
 from gateway.demo import DEMO_MAPPING, DEMO_PASSWORD, DEMO_USER, demo_uid
 from gateway.models import annotations, concepts, documents
-from tests.conftest import ANNOTATION_FIXTURES, credentials, instance
+from tests.conftest import ANNOTATION_FIXTURES, credentials, instance, release_connections
 from tests.test_results import PNG
 from tests.test_results import add as add_result
 from tests.test_results import get as get_results
@@ -239,15 +240,11 @@ def test_annotations_import_refuses_bad_input_with_a_reason(app, cli, tmp_path, 
 
 @pytest.mark.parametrize("setting", ["MAX_UPLOAD_MB", "CREDENTIAL_CACHE_SECONDS"])
 def test_a_setting_that_is_not_a_number_stops_the_app_with_its_name(tmp_path, setting):
-    from gateway import create_app
-
     with pytest.raises(ValueError, match="GATEWAY_MAX_UPLOAD_MB and GATEWAY_CREDENTIAL_CACHE_SECONDS are numbers"):
         create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'g.sqlite'}", setting: "lots"})
 
 
 def test_settings_come_from_gateway_variables(tmp_path, monkeypatch):
-    from gateway import create_app
-
     monkeypatch.setenv("GATEWAY_DATABASE_URL", f"sqlite:///{tmp_path / 'env.sqlite'}")
     monkeypatch.setenv("GATEWAY_STORAGE_DIR", str(tmp_path / "files"))
     monkeypatch.setenv("GATEWAY_MAX_UPLOAD_MB", "2")
@@ -259,32 +256,50 @@ def test_settings_come_from_gateway_variables(tmp_path, monkeypatch):
     assert app.config["PASSPHRASE"] == "1234"
 
 
-def test_storage_sweep_removes_only_old_files_that_nothing_refers_to(app, cli, api):
+def test_storage_sweep_removes_only_old_files_that_nothing_refers_to(app, cli, api, monkeypatch):
+    monkeypatch.setattr("gateway.archive._SWEEP_BATCH", 1)  # every file its own batch
     assert api.upload(instance(1)).status_code == 200
     assert add_result(api, "heatmap", file=("map.png", PNG)).status_code == 200
     root = Path(app.config["STORAGE_DIR"])
     referenced = [path for path in root.rglob("*") if path.is_file() and path.parent.name != "tmp"]
     assert len(referenced) == 2  # the instance and the result file
-    orphan = root / "ab" / f"{'0' * 32}.dcm"  # as a crash between placing a file and its commit leaves it
+    orphans = [root / "ab" / f"{'0' * 32}.dcm", root / "ff" / f"{'2' * 32}.bin"]  # as a crash leaves them
     recent_orphan = root / "cd" / f"{'1' * 32}.dcm"  # as an upload in flight has it
     stale_temp, fresh_temp = root / "tmp" / "dead.part", root / "tmp" / "live.part"
     stranger = root / "ab" / "notes.txt"  # not named as a key: not the storage's
-    for path in (orphan, recent_orphan, stale_temp, fresh_temp, stranger):
+    for path in (*orphans, recent_orphan, stale_temp, fresh_temp, stranger):
         path.write_bytes(b"x" * 1000)
     two_days_ago = time.time() - 48 * 3600
-    for path in (*referenced, orphan, stale_temp, stranger):
+    for path in (*referenced, *orphans, stale_temp, stranger):
         os.utime(path, (two_days_ago, two_days_ago))
+    listed = [f"ab/{'0' * 32}.dcm", f"ff/{'2' * 32}.bin", "tmp/dead.part"]
 
     dry_run = cli("storage", "sweep", "--dry-run")
     assert dry_run.exit_code == 0, dry_run.output
-    assert dry_run.output.splitlines() == [f"ab/{'0' * 32}.dcm", "tmp/dead.part", "would remove 2 files (0.0 MB)"]
-    assert orphan.exists() and stale_temp.exists()
+    assert dry_run.output.splitlines() == [*listed, "would remove 3 files (0.0 MB)"]
+    assert all(path.exists() for path in (*orphans, stale_temp))
 
     swept = cli("storage", "sweep")
-    assert (swept.exit_code, swept.output) == (0, "removed 2 files (0.0 MB)\n")
-    assert not orphan.exists() and not stale_temp.exists()
+    assert swept.exit_code == 0, swept.output
+    assert swept.output.splitlines() == [*listed, "removed 3 files (0.0 MB)"]
+    assert not any(path.exists() for path in (*orphans, stale_temp))
     assert all(path.exists() for path in (*referenced, recent_orphan, fresh_temp, stranger))
     assert api.get("dicom/get/", **SERIES_PARAMS).status_code == 200
     assert get_results(api, "heatmap").status_code == 200
     assert cli("storage", "sweep").output == "removed 0 files (0.0 MB)\n"
     assert cli("storage", "sweep", "--min-age-hours", "0.5").exit_code == 2  # never near an upload in flight
+
+
+def test_storage_sweep_refuses_a_database_that_does_not_describe_the_folder(app, cli, api, tmp_path):
+    old_file = tmp_path / "storage" / "ab" / f"{'0' * 32}.dcm"
+    old_file.write_bytes(b"x")
+    os.utime(old_file, (0, 0))
+    empty = cli("storage", "sweep")  # the database refers to no file at all
+    assert empty.exit_code == 1 and "refers to no stored file" in empty.output
+    assert api.upload(instance(1)).status_code == 200
+    other_storage = create_app({**app.config, "STORAGE_DIR": str(tmp_path / "other")})
+    (tmp_path / "other" / "ab" / old_file.name).write_bytes(b"x")
+    other = other_storage.test_cli_runner().invoke(args=["storage", "sweep"])
+    assert other.exit_code == 1 and "not in this storage folder" in other.output
+    assert old_file.exists() and (tmp_path / "other" / "ab" / old_file.name).exists()
+    release_connections(other_storage)
