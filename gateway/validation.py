@@ -1,5 +1,5 @@
-"""Checking input: JSON files read with a readable error, marshmallow fields that take JSON values as they
-are, and readable messages from marshmallow's errors."""
+"""Checking input: JSON read with a readable error, text that both stores keep as it is, marshmallow fields
+that take JSON values as they are, and readable messages from marshmallow's errors."""
 import json
 from pathlib import Path
 
@@ -21,6 +21,25 @@ def read_json_file(path):
     """The JSON value of a file; ValueError naming the file when it is not JSON (or nested too deeply)."""
     path = Path(path)
     return parse_json(path.read_bytes(), path.name)
+
+
+def storable_text(value, what, limit=None):
+    """value, if it is text that both stores keep as it is; else ValueError naming `what`.
+
+    A value either store would refuse must fail here, with its reason, before it reaches the database:
+    there it would abort a whole import batch, or make a request's answer a 500.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is not a string")
+    if limit is not None and len(value) > limit:
+        raise ValueError(f"{what} is longer than {limit} characters")
+    if "\x00" in value:
+        raise ValueError(f"{what} holds a NUL character")  # PostgreSQL text cannot
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
+    return value
 
 
 class StrictNumber(fields.Float):

@@ -19,6 +19,7 @@ from tests.conftest import ANNOTATION_FIXTURES, credentials, instance, release_c
 from tests.test_results import PNG
 from tests.test_results import add as add_result
 from tests.test_results import get as get_results
+from tests.test_upload import stored_keys
 from tests.test_v1_calls import SERIES_PARAMS
 
 
@@ -261,7 +262,7 @@ def test_storage_sweep_removes_only_old_files_that_nothing_refers_to(app, cli, a
     assert api.upload(instance(1)).status_code == 200
     assert add_result(api, "heatmap", file=("map.png", PNG)).status_code == 200
     root = Path(app.config["STORAGE_DIR"])
-    referenced = [path for path in root.rglob("*") if path.is_file() and path.parent.name != "tmp"]
+    referenced = [root / key for key in stored_keys(app)]
     assert len(referenced) == 2  # the instance and the result file
     orphans = [root / "ab" / f"{'0' * 32}.dcm", root / "ff" / f"{'2' * 32}.bin"]  # as a crash leaves them
     recent_orphan = root / "cd" / f"{'1' * 32}.dcm"  # as an upload in flight has it

@@ -588,6 +588,10 @@ def test_credentials_and_permission_come_before_a_large_body_is_read(api, seeded
     response = api.client.delete("/api/v1/series/delete/", data=body, content_type=content_type,
                                  headers=credentials("alice", "wrong"))
     assert_error(response, 401, "not_authenticated", None)
+    small, content_type = encode_multipart_formdata({"Project": "alpha", "Archive": "main", "file": ("a.dcm", instance(1))})
+    unsized = api.client.post(UPLOAD_URL, data=small, content_type=content_type,  # chunked: no length to trust
+                              headers={**credentials("alice", "wrong"), "Transfer-Encoding": "chunked"})
+    assert_error(unsized, 401, "not_authenticated", None)
     assert spooled == []
     assert row_counts(seeded) == NOTHING
 

@@ -5,8 +5,8 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ..validation import read_json_file
-from .store import Document, dicom_date, import_documents, loading, storable_text
+from ..validation import read_json_file, storable_text
+from .store import Document, dicom_date, import_documents, loading
 
 # DICOM keywords a metadata file (or the NLP file's own top level) may give, and the Document field of each.
 _METADATA_FIELDS = {

@@ -12,8 +12,8 @@ from sqlalchemy import delete, insert, select
 
 from ..db import db, write_transaction
 from ..models import mapping_entries, mappings
-from ..validation import read_json_file
-from .store import CUI_PATTERN, storable_text
+from ..validation import read_json_file, storable_text
+from .store import CUI_PATTERN
 
 log = logging.getLogger(__name__)
 

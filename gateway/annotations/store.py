@@ -10,6 +10,7 @@ from sqlalchemy import bindparam, delete, func, select
 from ..db import bulk_insert, db, in_values, insert_ignoring_conflicts, utcnow, write_transaction
 from ..errors import InvalidValue, ObjectNotFound
 from ..models import annotation_prefs, annotations, documents, instances
+from ..validation import storable_text
 
 CUI_PATTERN = re.compile(r"[Cc]\d{1,15}")
 
@@ -74,25 +75,6 @@ def dicom_date(value):
 
 def _not_a_date(value):
     raise ValueError(f"ContentDate {value!r} is not a DICOM date (YYYYMMDD)")
-
-
-def storable_text(value, what, limit=None):
-    """value, if it is text that both stores keep as it is; else ValueError naming `what`.
-
-    A value either store would refuse must fail here, before its batch: a database error would
-    abort the whole import instead of skipping one file.
-    """
-    if not isinstance(value, str):
-        raise ValueError(f"{what} is not a string")
-    if limit is not None and len(value) > limit:
-        raise ValueError(f"{what} is longer than {limit} characters")
-    if "\x00" in value:
-        raise ValueError(f"{what} holds a NUL character")  # PostgreSQL text cannot
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
-    return value
 
 
 def _encodes(value):

@@ -10,6 +10,7 @@ from .. import forms, results
 from ..auth.users import authenticate
 from ..errors import GatewayError, InvalidValue, NotAllowed, NotAuthenticated
 from ..projects import archive_ref
+from ..validation import storable_text
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,6 @@ DELETE_METHODS = ("GET", "DELETE")
 _SMALL_BODY_BYTES = 1 << 20
 
 
-def _storable(value):
-    """No text column holds a NUL (PostgreSQL refuses it outright), so no stored name contains one."""
-    return value is not None and "\x00" not in value
-
-
 def _authorised_call(permission, *parameters, check_body=None):
     """Credentials, then permission, then parameters (and `check_body`), then project and archive: the
     spec's error order."""
@@ -39,17 +35,27 @@ def _authorised_call(permission, *parameters, check_body=None):
     if request.method != "GET" and _body_waits_for_credentials():  # werkzeug reads a form for every other method
         authenticate(username, password, permission)  # so a stranger's body is never spooled
     values = [request.values.get(name) for name in ("Project", "Archive", *parameters)]
-    project, archive = (value if _storable(value) else None for value in values[:2])
+    project, archive = (_stored_name_or_none(value) for value in values[:2])
     access = authenticate(username, password, permission, project, archive)
     for name, value in zip(("Project", "Archive", *parameters), values):
         if not value:
             raise InvalidValue("missing_parameter", f"the parameter {name} is required")
     for name, value in request.values.items(multi=True):
-        if not _storable(value):
-            raise InvalidValue("invalid_parameter", f"the parameter {name} holds a NUL character")
+        try:
+            storable_text(value, f"the parameter {name}")
+        except ValueError as error:
+            raise InvalidValue("invalid_parameter", str(error)) from None
     if check_body is not None:
         check_body()
     return access.id, archive_ref(access, values[0], values[1]), values[2:]
+
+
+def _stored_name_or_none(value):
+    """`value` if a stored name could equal it; the stores refuse some text (a NUL) outright."""
+    try:
+        return storable_text(value, "name")
+    except ValueError:
+        return None
 
 
 def _body_waits_for_credentials():
