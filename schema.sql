@@ -263,6 +263,18 @@ CREATE TABLE search_transactions (
 );
 CREATE INDEX ix_search_transactions_created ON search_transactions (created_at);
 
+-- Failed sign-ins (v1 credentials by client address and by account, the annotation passphrase by
+-- client address), counted where every worker sees them: a key with too many failures in its window
+-- is answered 429 until the window ends.
+CREATE TABLE auth_failures (
+    scope VARCHAR(16) NOT NULL,
+    key VARCHAR(255) NOT NULL,
+    failures INTEGER NOT NULL,
+    window_started_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX ix_auth_failures_window ON auth_failures (window_started_at);
+
 -- Full-text index of the report texts; each store has its own kind.
 -- dialect sqlite
 CREATE VIRTUAL TABLE documents_fts USING fts5(

@@ -44,7 +44,7 @@ from gateway import create_app  # noqa: E402
 from gateway.annotations.importer import import_folder  # noqa: E402
 from gateway.annotations.query import parse_query, search_annotations, search_documents  # noqa: E402
 from gateway.annotations.store import Document, import_documents, loading  # noqa: E402
-from gateway.db import db, init_db  # noqa: E402
+from gateway.db import db, init_db, write_engine  # noqa: E402
 from gateway.models import concept_relations, concept_types, concepts  # noqa: E402
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -195,7 +195,7 @@ def load_dictionary(corpus):
         for child, parents in corpus.parents.items()
         for parent in set(parents)
     ]
-    with db.engine.begin() as connection:
+    with write_engine().begin() as connection:
         connection.execute(concepts.insert(), rows)
         connection.execute(concept_types.insert(), types)
         connection.execute(concept_relations.insert(), relations)

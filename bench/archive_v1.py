@@ -5,14 +5,15 @@
 
     .venv/bin/python bench/archive_v1.py --store sqlite --repeat 3    # and min/median/max at the end
 
-Each measurement gets a fresh database and storage folder and its own gunicorn (2 sync workers, as
-`gateway serve` runs it; --worker-args to try others) on loopback; everything is removed at the end.
+Each measurement gets a fresh database and storage folder and its own gunicorn (2 workers with the
+settings of `gateway serve`, which gunicorn reads from gunicorn.conf.py; --worker-args to try others) on
+loopback; everything is removed at the end.
 MB means 10**6 bytes of DICOM payload.
 
 Beside each figure, "CPU s" is what each worker, our clients and the rest used (rest: database server,
 kernel, and anything else running; on SQLite a rest of more than a few tenths means the machine was not
-quiet). Sync workers close every connection after its answer, so the two workers' CPU also shows how
-evenly the kernel spread the requests over them.
+quiet). The two workers' CPU also shows how evenly the requests were spread over them (a kept-alive
+connection stays with one worker).
 """
 import argparse
 import contextlib
@@ -46,8 +47,8 @@ USERNAME, PROJECT, ARCHIVE = "bench", "bench", "main"
 PASSWORD = secrets.token_hex(16)  # per run: the throwaway user exists only in the throwaway database
 UID_ROOT = DEMO_UID_ROOT + "9."
 CLIENTS = 4
-# gunicorn worker options (2 workers always); --worker-args changes them
-WORKER_ARGS = ["-k", "sync"]  # as `gateway serve` runs it
+# gunicorn worker options beyond gunicorn.conf.py's (2 workers always); --worker-args changes them
+WORKER_ARGS = []
 MB = 1e6
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -508,7 +509,7 @@ def main():
     parser.add_argument("--store", choices=("sqlite", "postgresql"), required=True)
     parser.add_argument("--only", choices=tuple(MEASUREMENTS))
     parser.add_argument("--repeat", type=int, default=1, help="run each measurement this many times")
-    parser.add_argument("--worker-args", help=f"gunicorn worker options (default: {' '.join(WORKER_ARGS)})")
+    parser.add_argument("--worker-args", help="gunicorn worker options beyond those of gateway serve, e.g. '-k sync --threads 1'")
     parser.add_argument("--pg-admin-url", default=os.environ.get("GATEWAY_BENCH_POSTGRES_URL", PG_ADMIN_URL))
     args = parser.parse_args()
     if args.worker_args:

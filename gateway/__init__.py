@@ -2,7 +2,9 @@
 import os
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .annotations.transactions import SearchLog
 from .auth import CredentialCache
 from .auth.passphrase import Passphrase
 from .config import load_config
@@ -23,8 +25,14 @@ def create_app(test_config=None):
     app.extensions["gateway.storage"] = FileStorage(app.config["STORAGE_DIR"])
     app.extensions["gateway.credentials"] = CredentialCache(app.config["CREDENTIAL_CACHE_SECONDS"])
     app.extensions["gateway.passphrase"] = Passphrase(app.config["PASSPHRASE"])
+    app.extensions["gateway.search_log"] = SearchLog(app)
 
     app.teardown_request(discard_unused_uploads)
+    if app.config["TRUSTED_PROXIES"]:
+        # the client address (throttling, the search record) from the proxies' X-Forwarded-For, and
+        # only then: a client could write that header itself
+        proxies = app.config["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
 
     from . import v1
     from .annotations import api as annotation_api

@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from flask import current_app
 from flask.cli import FlaskGroup, with_appcontext
 
 from . import create_app, results
@@ -17,13 +16,13 @@ from .annotations.mappings import load_mappings
 from .annotations.transactions import recent as recent_transactions
 from .archive import storage, sweep_storage
 from .auth.users import create_user, grant, set_password
-from .db import init_db, schema_exists
+from .db import db, init_db, missing_tables, schema_exists
 from .demo import seed_demo
 from .errors import GatewayError
 from .forms import create_form
 from .models import PROJECT_KINDS, SERIES_STATUSES
 from .projects import add_member, archive_by_name, create_archive, create_project
-from .server import serve
+from .server import SETTINGS, serve
 
 
 def _fail_on_value_error(function):
@@ -88,7 +87,8 @@ def series_arguments(function):
 @with_appcontext
 def init_db_command():
     """Create the tables of schema.sql (no change when they exist)."""
-    click.echo("database initialised" if init_db() else "database already initialised")
+    created = init_db()
+    click.echo(f"created tables: {', '.join(created)}" if created else "database already initialised")
 
 
 @admin_command(user_group, "create")
@@ -304,11 +304,21 @@ def demo_command():
 
 @click.command("serve")
 @click.option("--bind", default="127.0.0.1:8080", show_default=True)
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--workers", default=SETTINGS["workers"], show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes (one per core or so).")
+@click.option("--threads", default=SETTINGS["threads"], show_default=True, type=click.IntRange(1, 256),
+              help="Requests each worker answers at once.")
+@click.option("--timeout", default=SETTINGS["timeout"], show_default=True, type=click.IntRange(1),
+              help="Seconds a worker may stop answering gunicorn before it is restarted (not a request's limit).")
 @with_appcontext
-def serve_command(bind, workers):
-    """Serve the gateway with gunicorn."""
-    serve(current_app._get_current_object(), bind, workers)
+@_needs_schema
+def serve_command(bind, workers, threads, timeout):
+    """Serve the gateway with gunicorn (threaded workers)."""
+    missing = missing_tables()
+    if missing:
+        raise click.ClickException(f"the database lacks the tables {', '.join(missing)}: run 'gateway init-db'")
+    db.engine.dispose()  # the workers make their own connections (and apps) after the fork
+    serve(create_app, bind, workers, threads, timeout)
 
 
 def register_commands(app):

@@ -10,7 +10,13 @@ DEFAULTS = {
     "MAPPINGS_DIR": None,
     "MAX_UPLOAD_MB": 512,
     "CREDENTIAL_CACHE_SECONDS": 300,
+    "AUTH_FAILURE_LIMIT": 10,
+    "AUTH_FAILURE_WINDOW_SECONDS": 600,
+    "SEARCH_SECONDS": 10,  # the database time a search may take per batch of results before a 503
+    "TRUSTED_PROXIES": 0,  # how many proxies in front set X-Forwarded-For / -Proto; 0: trust no header
 }
+_NUMBERS = ("MAX_UPLOAD_MB", "CREDENTIAL_CACHE_SECONDS", "AUTH_FAILURE_WINDOW_SECONDS", "SEARCH_SECONDS")
+_WHOLE_NUMBERS = ("AUTH_FAILURE_LIMIT", "TRUSTED_PROXIES")
 
 
 def load_config(app, test_config):
@@ -22,13 +28,14 @@ def load_config(app, test_config):
     config = app.config
     config["DATABASE_URL"] = config["DATABASE_URL"] or "sqlite:///" + os.path.join(app.instance_path, "gateway.sqlite")
     config["STORAGE_DIR"] = config["STORAGE_DIR"] or os.path.join(app.instance_path, "storage")
-    try:
-        max_upload_mb = float(config["MAX_UPLOAD_MB"])
-        cache_seconds = float(config["CREDENTIAL_CACHE_SECONDS"])
-    except ValueError as error:
-        raise ValueError(f"GATEWAY_MAX_UPLOAD_MB and GATEWAY_CREDENTIAL_CACHE_SECONDS are numbers: {error}") from None
-    config["MAX_UPLOAD_MB"] = max_upload_mb
-    config["CREDENTIAL_CACHE_SECONDS"] = cache_seconds
-    config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
+    for name, kind in [(name, float) for name in _NUMBERS] + [(name, int) for name in _WHOLE_NUMBERS]:
+        try:
+            config[name] = kind(config[name])
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"GATEWAY_{name} must be {what}, not {config[name]!r}") from None
+        if config[name] < 0:
+            raise ValueError(f"GATEWAY_{name} must not be negative")
+    config["MAX_CONTENT_LENGTH"] = int(config["MAX_UPLOAD_MB"] * 1024 * 1024)
     config["SQLALCHEMY_DATABASE_URI"] = config["DATABASE_URL"]
     config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", engine_options(config["DATABASE_URL"]))

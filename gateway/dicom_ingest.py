@@ -4,13 +4,17 @@ pydicom reads the file in one pass without force, skipping over (not loading) la
 pixel data; a file that ends inside an element is refused.
 """
 import datetime
+import re
+import struct
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.values import convert_text
@@ -19,6 +23,15 @@ from .errors import InvalidValue
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DEFER_BYTES = 4096  # values larger than this (pixel data) are skipped over, not read
+# What pydicom raises on malformed input, found by reading its own test files and tens of thousands of
+# truncated and mangled copies of them (TypeError: a character set element of another VR; RecursionError:
+# sequences nested thousands deep). Anything else is a bug, ours or pydicom's, and stays a 500.
+_MALFORMED_INPUT_ERRORS = (
+    BytesLengthException, NotImplementedError, OSError, RecursionError, TypeError, ValueError, struct.error, zlib.error,
+)
+# The UI value representation: components of digits joined by single dots (64 characters at most).
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_DIGITS = re.compile("[0-9]+")  # str.isdigit() would pass "³", which int() refuses
 
 
 class InvalidDicom(InvalidValue):
@@ -53,17 +66,23 @@ class InstanceTags:
 def read_instance(handle, size):
     """Validate the DICOM file open in `handle` (`size` bytes) and return its tags, or raise InvalidDicom."""
     handle.seek(0)
-    try:
+    with _parsing():
         dataset = pydicom.dcmread(handle, defer_size=_DEFER_BYTES)
-        _check_complete(handle, dataset, size)
-        tags = _extract(dataset)
-    except InvalidDicom:
-        raise
+    _check_complete(handle, dataset, size)
+    return _extract(dataset)
+
+
+@contextmanager
+def _parsing():
+    """Where pydicom reads the file: what it raises on malformed input becomes an InvalidDicom."""
+    try:
+        yield
     except InvalidDicomError:
         raise InvalidDicom("the file is not DICOM (no Part 10 preamble and file meta header)") from None
-    except Exception:  # pydicom raises many kinds of error on malformed input; all mean the same here
+    except _MALFORMED_INPUT_ERRORS as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise  # the disk failed, not the file (pydicom's own OSErrors carry no errno)
         raise InvalidDicom("the file is not a readable DICOM file") from None
-    return tags
 
 
 def _check_complete(handle, dataset, size):
@@ -97,7 +116,8 @@ class _RawValues:
         names = charset.value if charset is not None else None  # pydicom converts this one while reading
         if isinstance(names, bytes):
             names = names.decode("latin-1").split("\\")
-        self._encodings = convert_encodings(names or None)
+        with _parsing():
+            self._encodings = convert_encodings(names or None)
 
     def _bytes(self, tag):
         element = self._raw.get(tag)
@@ -106,10 +126,11 @@ class _RawValues:
     def get(self, keyword):
         tag = tag_for_keyword(keyword)
         value = self._bytes(tag)
-        if value is not None:
-            value = convert_text(value, self._encodings)
-        elif tag in self._raw:  # converted already, or too large to have been read: pydicom converts it
-            value = self._dataset[tag].value
+        with _parsing():
+            if value is not None:
+                value = convert_text(value, self._encodings)
+            elif tag in self._raw:  # converted already, or too large to have been read: pydicom converts it
+                value = self._dataset[tag].value
         if isinstance(value, (list, MultiValue)):
             value = "\\".join(str(item) for item in value)
         return value
@@ -123,15 +144,26 @@ def _text(values, keyword, limit):
     return text[:limit] or None
 
 
-def _uid(values, keyword):
+def _identifier(values, keyword, required=True):
+    """PatientID or a UID, without its trailing padding: None only when absent and not `required`."""
     raw = values.get(keyword)
     if raw is not None and "\x00" in str(raw).rstrip("\x00 "):
         raise InvalidDicom(f"{keyword} holds a NUL character")
     value = _text(values, keyword, 1000)
     if value is None:
-        raise InvalidDicom(f"the file has no {keyword}")
+        if required:
+            raise InvalidDicom(f"the file has no {keyword}")
+        return None
     if len(value) > 64:
         raise InvalidDicom(f"{keyword} is longer than 64 characters")
+    return value
+
+
+def _uid(values, keyword, required=True):
+    """A UID as the UI value representation has it: the archive names zip entries after them."""
+    value = _identifier(values, keyword, required)
+    if value is not None and not _UID.fullmatch(value):
+        raise InvalidDicom(f"{keyword} is not a UID (digits and single dots between them): {value!r}")
     return value
 
 
@@ -151,7 +183,7 @@ def _time(values, keyword):
     if not text:
         return None
     whole, _, fraction = text.replace(":", "").partition(".")
-    if not whole.isdigit() or len(whole) not in (2, 4, 6) or (fraction and not fraction.isdigit()):
+    if not _DIGITS.fullmatch(whole) or len(whole) not in (2, 4, 6) or (fraction and not _DIGITS.fullmatch(fraction)):
         return None
     hours, minutes, seconds = whole[0:2], whole[2:4] or "00", whole[4:6] or "00"
     if int(hours) > 23 or int(minutes) > 59 or int(seconds) > 60:
@@ -162,10 +194,10 @@ def _time(values, keyword):
 
 def _extract(dataset):
     values = _RawValues(dataset)
-    sop_class_uid = _text(values, "SOPClassUID", 64)
+    sop_class_uid = _uid(values, "SOPClassUID", required=False)
     return InstanceTags(
         patient={
-            "patient_id": _uid(values, "PatientID"),
+            "patient_id": _identifier(values, "PatientID"),
             "patient_name": _text(values, "PatientName", 324),
             "patient_sex": _text(values, "PatientSex", 16),
             "patient_birth_date": _date(values, "PatientBirthDate"),

@@ -4,6 +4,7 @@
 class GatewayError(Exception):
     status = 500
     error_type = "internal_error"
+    headers = {}  # of the answer, e.g. Retry-After
 
     def __init__(self, suberror_type, message):
         super().__init__(message)
@@ -43,3 +44,10 @@ class Conflict(GatewayError):
 class MultipleObjectsFound(GatewayError):
     status = 409
     error_type = "multiple_objects_found"
+
+
+class SearchTooSlow(GatewayError):
+    """The database worked on a search for longer than its time budget, and was stopped."""
+
+    status = 503
+    error_type = "search_too_slow"

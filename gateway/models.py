@@ -293,6 +293,16 @@ search_transactions = Table(
     Index("ix_search_transactions_created", "created_at"),
 )
 
+auth_failures = Table(
+    "auth_failures",
+    db.metadata,
+    Column("scope", String(16), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("window_started_at", TIMESTAMP, nullable=False),
+    Index("ix_auth_failures_window", "window_started_at"),
+)
+
 # The full-text index differs per store (FTS5 table and triggers, or a GIN index): schema.sql holds it.
 for _dialect in ("sqlite", "postgresql"):
     for _statement in schema_statements(_dialect, only_this_dialect=True):

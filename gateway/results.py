@@ -7,22 +7,24 @@ import os
 import re
 from xml.etree import ElementTree
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import select, update
 from werkzeug.utils import secure_filename
 
-from .archive import find_series, remove_files, storage
-from .db import db, utcnow, write_transaction
+from .archive import clean_filename, find_series, remove_files, storage
+from .db import DIALECT_INSERTS, db, utcnow, write_transaction
 from .errors import InvalidValue, ObjectNotFound
 from .models import PROJECT_KINDS, SERIES_STATUSES, series, series_results
 from .zipstream import ZipEntry, zip_stream
 
 log = logging.getLogger(__name__)
 
-_INTEGER = re.compile(r"[+-]?\d+")
+_INTEGER = re.compile(r"[+-]?\d{1,19}")  # more digits are beyond 64 bits (and int() refuses over 4300)
 _DECIMAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+(?=[eE]))([eE][+-]?\d+)?")
 _INT64 = (-(2**63), 2**63 - 1)
 # XML 1.0 cannot carry these; a value holding one could not go into results.xml.
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+# What replacing a result overwrites: all but its key (series, name) and its id.
+_REPLACED_COLUMNS = [column.name for column in series_results.c if column.name not in ("id", "series_pk", "name")]
 
 
 def typed_value(text):
@@ -93,7 +95,7 @@ def add_result(archive, patient_id, study_uid, series_uid, result_type, name, al
         row.update(
             value_kind="file",
             storage_key=key,
-            filename=secure_filename(filename or "") or "result.bin",
+            filename=clean_filename(filename, "result.bin"),
             size_bytes=size,
         )
     replaced = _replace_result(series_row.id, name, row, handle=upload[0] if upload else None)
@@ -104,11 +106,23 @@ def add_result(archive, patient_id, study_uid, series_uid, result_type, name, al
 
 
 def _replace_result(series_pk, name, row, handle):
-    """Swap the result rows (and place the new file) in one transaction; returns the keys of old files."""
+    """Write the result row over one of the same name (and place the new file) in one transaction; returns
+    the keys of old files.
+
+    The series' status is updated first, which locks the series row (before its results, as a delete's
+    cascade does): writers of one series' results take turns, so each finds the file of the row it
+    overwrites, where under PostgreSQL's READ COMMITTED two could both find no row yet (SQLite's write
+    lock keeps them apart anyway).
+    """
     files = storage()
     placed = False
     try:
         with write_transaction() as session:
+            marked = session.execute(
+                update(series).where(series.c.id == series_pk).values(status="processed", status_message=None)
+            )
+            if marked.rowcount != 1:
+                raise ObjectNotFound("series_not_found", "the series was deleted while its result was being stored")
             old_keys = session.execute(
                 select(series_results.c.storage_key).where(
                     series_results.c.series_pk == series_pk,
@@ -116,13 +130,7 @@ def _replace_result(series_pk, name, row, handle):
                     series_results.c.storage_key.is_not(None),
                 )
             ).scalars().all()
-            session.execute(
-                delete(series_results).where(series_results.c.series_pk == series_pk, series_results.c.name == name)
-            )
-            session.execute(insert(series_results).values(**row))
-            session.execute(
-                update(series).where(series.c.id == series_pk).values(status="processed", status_message=None)
-            )
+            session.execute(_upsert_result(session, row))
             if handle is not None:
                 placed = True  # from here on a failure must remove the file, wherever place() stopped
                 files.place(handle, row["storage_key"])
@@ -131,6 +139,16 @@ def _replace_result(series_pk, name, row, handle):
             files.delete(row["storage_key"])
         raise
     return old_keys
+
+
+def _upsert_result(session, row):
+    """INSERT … ON CONFLICT (series_pk, name) DO UPDATE: the columns that `row` leaves out become NULL."""
+    insert_for_dialect = DIALECT_INSERTS[session.get_bind().dialect.name]
+    statement = insert_for_dialect(series_results).values({column: None for column in _REPLACED_COLUMNS} | row)
+    return statement.on_conflict_do_update(
+        index_elements=[series_results.c.series_pk, series_results.c.name],
+        set_={column: statement.excluded[column] for column in _REPLACED_COLUMNS},
+    )
 
 
 def _json_value(row):
@@ -180,7 +198,11 @@ def results_xml(rows):
 
 def _results_zip(ordered, scalars):
     files = storage()
-    entries, taken = [], set()
+    entries = []
+    if scalars:  # first, so that it keeps its name: zip_stream numbers a later entry of the same name
+        xml = results_xml(scalars)
+        now = utcnow().timetuple()[:6]
+        entries.append(ZipEntry("results.xml", now, len(xml), functools.partial(io.BytesIO, xml)))
     for row in ordered:
         if row["value_kind"] != "file":
             continue
@@ -188,19 +210,10 @@ def _results_zip(ordered, scalars):
             log.error("the file of result %r (%s) is missing", row["name"], row["storage_key"])
             raise ObjectNotFound("result_not_found", f"the file of result {row['name']!r} is not available")
         stem, extension = os.path.splitext(row["filename"])
-        base = secure_filename(row["name"]) or stem or "result"
-        name, number = base + extension, 1
-        while name in taken or name == "results.xml":
-            number += 1
-            name = f"{base}-{number}{extension}"
-        taken.add(name)
+        name = (secure_filename(row["name"]) or stem or "result") + extension
         entries.append(
             ZipEntry(name, row["created_at"].timetuple()[:6], row["size_bytes"], functools.partial(files.open, row["storage_key"]))
         )
-    if scalars:
-        xml = results_xml(scalars)
-        now = utcnow().timetuple()[:6]
-        entries.append(ZipEntry("results.xml", now, len(xml), functools.partial(io.BytesIO, xml)))
     return zip_stream(entries)
 
 

@@ -1,7 +1,10 @@
 """Zip files written while they are sent: stored (not deflated) entries, read chunk by chunk."""
+import posixpath
 import zipfile
 from dataclasses import dataclass
 from typing import Callable
+
+from werkzeug.utils import secure_filename
 
 CHUNK_BYTES = 1 << 20
 
@@ -41,12 +44,14 @@ def zip_stream(entries):
     """A generator of the bytes of a zip of `entries`; at most one chunk of one entry is in memory.
 
     zipfile writes a data descriptor after each entry when its stream cannot seek, so nothing has
-    to be known (CRCs) before the first byte is sent.
+    to be known (CRCs) before the first byte is sent. Entry names are made safe to unpack, see
+    `_safe_unique_name`.
     """
     sink = _ChunkSink()
+    taken = set()
     with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for entry in entries:
-            info = zipfile.ZipInfo(entry.name, date_time=entry.date_time)
+            info = zipfile.ZipInfo(_safe_unique_name(entry.name, taken), date_time=entry.date_time)
             info.file_size = entry.size
             with entry.open() as source, archive.open(info, mode="w") as target:
                 while chunk := source.read(CHUNK_BYTES):
@@ -54,3 +59,18 @@ def zip_stream(entries):
                     yield sink.drain()
             yield sink.drain()  # the entry's data descriptor
     yield sink.drain()  # the central directory
+
+
+def _safe_unique_name(name, taken):
+    """`name` as a plain file name that unpacks where the zip is unpacked, whatever the stored data holds:
+    letters, digits, '-', '_' and '.' only (no folder, no `..`, no backslash, no leading '/'). A name that an
+    earlier entry has, ignoring case (a case-insensitive file system would unpack both onto one file), is
+    numbered -2, -3 … before its extension. `taken` holds the names given so far."""
+    safe = secure_filename(name) or "file"
+    stem, extension = posixpath.splitext(safe)
+    candidate, number = safe, 1
+    while candidate.casefold() in taken:
+        number += 1
+        candidate = f"{stem}-{number}{extension}"
+    taken.add(candidate.casefold())
+    return candidate

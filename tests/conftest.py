@@ -22,7 +22,7 @@ from urllib3 import encode_multipart_formdata
 
 from gateway import create_app
 from gateway.auth.users import create_user, grant
-from gateway.db import db, init_db
+from gateway.db import db, init_db, write_engine
 from gateway.projects import add_member, create_archive, create_project
 from gateway.synthetic import make_instance
 
@@ -84,8 +84,8 @@ def postgres_url(postgres_server):
 
 def _empty_tables():
     tables = ", ".join(table.name for table in db.metadata.sorted_tables)
-    db.session.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    db.session.commit()
+    with write_engine().begin() as connection:
+        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -116,7 +116,9 @@ def app(store, tmp_path):
 
 
 def release_connections(app):
-    """Close what an app's pool holds: a test's database is dropped or emptied after it."""
+    """Write the app's queued search records, then close what its pool holds: a test's database is
+    dropped or emptied after it."""
+    app.extensions["gateway.search_log"].flush()
     with app.app_context():
         db.session.remove()
         db.engine.dispose()
@@ -210,10 +212,10 @@ def _free_port():
 @pytest.fixture
 def gunicorn(tmp_path):
     """Starts `gunicorn wsgi:app` (2 workers × 4 threads), or with `via_cli` `gateway serve` (its own
-    defaults), on the store of an app; returns (base URL, log path)."""
+    defaults, then `serve_args`), on the store of an app; returns (base URL, log path)."""
     processes = []
 
-    def start(app, extra_env=None, via_cli=False):
+    def start(app, extra_env=None, via_cli=False, serve_args=()):
         program = "gateway" if via_cli else "gunicorn"
         executable = shutil.which(program, path=os.path.dirname(sys.executable))
         assert executable, f"{program} is not installed beside the test interpreter"
@@ -226,7 +228,7 @@ def gunicorn(tmp_path):
         port = _free_port()
         log_path = tmp_path / f"gunicorn-{port}.log"
         if via_cli:
-            command = [executable, "serve", "--bind", f"127.0.0.1:{port}"]
+            command = [executable, "serve", "--bind", f"127.0.0.1:{port}", *serve_args]
         else:  # gunicorn's control socket is one per machine user
             command = [executable, "-w", "2", "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{port}",
                        "--no-control-socket", "wsgi:app"]
@@ -289,7 +291,7 @@ FIXTURE_SNOMED = [("233604007", "C0000030"), ("78904004", "C0000002")]
 def load_fixture_dictionary():
     from gateway.models import concept_relations, concept_snomed, concept_types, concepts
 
-    with db.engine.begin() as connection:
+    with write_engine().begin() as connection:
         connection.execute(concepts.insert(), [{"cui": cui, "pref": pref} for cui, pref, _ in FIXTURE_CONCEPTS])
         connection.execute(
             concept_types.insert(),

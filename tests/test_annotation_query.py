@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from gateway.annotations.mappings import load_mappings
 from gateway.annotations.query import parse_query, search_annotations, search_documents, single_term_query
 from gateway.annotations.store import Document, import_documents
-from gateway.db import db
+from gateway.db import db, write_engine
 from gateway.errors import InvalidValue
 from gateway.models import concept_relations, concept_types, concepts, documents
 from tests.conftest import ANNOTATION_FIXTURES
@@ -380,7 +380,7 @@ def test_thousands_of_cuis_from_a_mapping(ctx, tmp_path):
 
 def test_thousands_of_cuis_from_an_expansion(ctx):
     children = [f"C2{number:06d}" for number in range(5_000)]
-    with db.engine.begin() as connection:
+    with write_engine().begin() as connection:
         connection.execute(concepts.insert(), [{"cui": cui, "pref": cui} for cui in ["C0000040", *children]])
         connection.execute(concept_types.insert(), [
             {"cui": cui, "sty": "Anat", "tui": None, "semantic_group": "ANAT"} for cui in ["C0000040", *children]

@@ -12,9 +12,9 @@ from gateway import create_app
 from gateway.annotations.mappings import get_mapping
 from gateway.annotations.query import parse_query, search_annotations
 from gateway.annotations.store import doc_detail, document_uids, linked_instances
-from gateway.db import db
+from gateway.db import db, missing_tables, write_engine
 from gateway.demo import DEMO_MAPPING, DEMO_PASSWORD, DEMO_USER, demo_uid
-from gateway.models import annotations, concepts, documents
+from gateway.models import annotations, concepts, documents, users
 from tests.conftest import ANNOTATION_FIXTURES, credentials, instance, release_connections
 from tests.test_results import PNG
 from tests.test_results import add as add_result
@@ -37,6 +37,20 @@ def test_init_db_is_idempotent(cli):
     result = cli("init-db")
     assert result.exit_code == 0
     assert result.output.strip() == "database already initialised"
+
+
+def test_init_db_adds_the_tables_a_store_made_by_an_older_version_lacks(app, cli):
+    assert cli("user", "create", "frank", "--email", "frank@example.org", input="s3cret pass\n").exit_code == 0
+    with app.app_context(), write_engine().begin() as connection:
+        connection.exec_driver_sql("DROP TABLE auth_failures")
+    refused = cli("serve", "--bind", "127.0.0.1:1")
+    assert refused.exit_code != 0
+    assert "the database lacks the tables auth_failures: run 'gateway init-db'" in refused.output
+    result = cli("init-db")
+    assert (result.exit_code, result.output.strip()) == (0, "created tables: auth_failures")
+    with app.app_context():
+        assert db.session.execute(select(users.c.username)).scalars().all() == ["frank"]  # nothing else touched
+        assert missing_tables() == []
 
 
 def test_admin_commands_set_up_a_working_account(app, cli):
@@ -239,10 +253,16 @@ def test_annotations_import_refuses_bad_input_with_a_reason(app, cli, tmp_path, 
         assert document_uids() == []
 
 
-@pytest.mark.parametrize("setting", ["MAX_UPLOAD_MB", "CREDENTIAL_CACHE_SECONDS"])
-def test_a_setting_that_is_not_a_number_stops_the_app_with_its_name(tmp_path, setting):
-    with pytest.raises(ValueError, match="GATEWAY_MAX_UPLOAD_MB and GATEWAY_CREDENTIAL_CACHE_SECONDS are numbers"):
-        create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'g.sqlite'}", setting: "lots"})
+@pytest.mark.parametrize("setting, value, reason", [
+    ("MAX_UPLOAD_MB", "lots", "must be a number, not 'lots'"),
+    ("CREDENTIAL_CACHE_SECONDS", "lots", "must be a number, not 'lots'"),
+    ("AUTH_FAILURE_LIMIT", "2.5", "must be a whole number, not '2.5'"),
+    ("AUTH_FAILURE_WINDOW_SECONDS", "-1", "must not be negative"),
+    ("TRUSTED_PROXIES", "one", "must be a whole number, not 'one'"),
+])
+def test_a_setting_that_is_not_a_number_stops_the_app_with_its_name(tmp_path, setting, value, reason):
+    with pytest.raises(ValueError, match=f"^GATEWAY_{setting} {reason}$"):
+        create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'g.sqlite'}", setting: value})
 
 
 def test_settings_come_from_gateway_variables(tmp_path, monkeypatch):

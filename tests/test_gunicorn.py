@@ -1,5 +1,4 @@
-"""The gateway under gunicorn: concurrent uploads of one new study (2 worker processes × 4 threads),
-and `gateway serve`.
+"""The gateway under gunicorn: concurrent uploads of one new study (2 worker processes × 4 threads).
 
 Many clients creating the same patient, study and series at the same moment is where a
 check-then-insert races into a unique-constraint error (a 500); the same instance sent twice at
@@ -7,7 +6,6 @@ once is where idempotency races. Runs once on SQLite and once on PostgreSQL.
 """
 import io
 import threading
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -94,26 +92,3 @@ def test_concurrent_uploads_of_one_new_study(seeded, gunicorn):
     stored = [path for path in storage_dir.rglob("*.dcm") if "tmp" not in path.relative_to(storage_dir).parts]
     assert len(stored) == INSTANCES
     assert list((storage_dir / "tmp").iterdir()) == []
-
-
-def test_gateway_serve_runs_two_sync_workers(seeded, gunicorn):
-    """`gateway serve` as the README runs it: two sync workers, which close a connection after each answer."""
-    base_url, log_path = gunicorn(seeded, via_cli=True)
-    data = instance(1, patient=PATIENT)
-    uploaded = requests.post(
-        f"{base_url}/api/v1/instance/upload/", data={"Project": "alpha", "Archive": "main"},
-        files={"file": ("image.dcm", data, "application/dicom")}, headers=credentials(), timeout=30,
-    )
-    assert uploaded.status_code == 200, uploaded.text
-    assert uploaded.headers["Connection"] == "close"
-    found = requests.get(f"{base_url}/api/v1/series/get/", headers=credentials(), timeout=10, params={
-        "Project": "alpha", "Archive": "main", "PatientID": PATIENT,
-        "StudyInstanceUID": uploaded.json()["StudyInstanceUID"], "SeriesInstanceUID": uploaded.json()["SeriesInstanceUID"],
-    })
-    assert found.status_code == 200 and found.json()["SeriesInstanceUID"] == uploaded.json()["SeriesInstanceUID"]
-    deadline = time.monotonic() + 10
-    while log_path.read_text().count("Booting worker") < 2:
-        assert time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.1)
-    assert "Using worker: sync" in log_path.read_text()
-    assert log_path.read_text().count("Booting worker") == 2

@@ -1,10 +1,17 @@
 """Algorithm results per series: typed scalars, files, the zip with results.xml, and series status."""
 import io
+import re
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from xml.etree import ElementTree
 
 import pytest
+import requests
+from sqlalchemy import delete, select, update
 
+from gateway.db import db, write_engine
+from gateway.models import series, series_results
 from gateway.results import typed_value
 from tests.conftest import credentials, instance
 from tests.conftest import assert_error
@@ -37,7 +44,7 @@ def get(api, names, result_type="cad4tb", params=SERIES_PARAMS, **extra):
     "text, expected",
     [("7", 7), ("-12", -12), ("12.345", 12.345), ("1e3", 1000.0), (".5", 0.5), ("CAD4TB", "CAD4TB"),
      ("7a", "7a"), ("", ""), ("nan", "nan"), ("inf", "inf"), ("1e999", "1e999"),
-     ("99999999999999999999", "99999999999999999999"), ("0x10", "0x10")],
+     ("99999999999999999999", "99999999999999999999"), ("0x10", "0x10"), ("7" * 5000, "7" * 5000)],
 )
 def test_values_are_typed_on_the_way_in(text, expected):
     typed = typed_value(text)
@@ -217,3 +224,99 @@ def test_a_result_file_that_vanished_is_a_404_not_a_broken_zip(seeded, series_wi
     for path in seeded.extensions["gateway.storage"].root.rglob("*.bin"):
         path.unlink()
     assert_error(get(series_with_instance, "Heatmap"), 404, "object_not_found", "result_not_found")
+
+
+def test_result_zip_entry_names_are_safe_whatever_is_stored(seeded, series_with_instance):
+    """Rows that older code stored may hold any name and filename; names that differ only in case would
+    unpack onto one file on a case-insensitive file system; results.xml keeps its name."""
+    api = series_with_instance
+    stored = {"../../evil": "map.\\..\\..\\evil", "/etc/passwd": "/etc/passwd", "Heatmap": "a.png",
+              "heatmap": "b.png", "results": "r.xml"}
+    for number in range(len(stored)):
+        assert add(api, f"R{number}", file=(f"r{number}.png", PNG + bytes([number]))).status_code == 200
+    assert add(api, "Score", "7").status_code == 200
+    with seeded.app_context(), write_engine().begin() as connection:
+        for number, (name, filename) in enumerate(stored.items()):
+            connection.execute(
+                update(series_results).where(series_results.c.name == f"R{number}").values(name=name, filename=filename)
+            )
+    response = get(api, ",".join([*stored, "Score"]))
+    assert response.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(response.data)) as archive:
+        names = archive.namelist()
+        assert b"<name>Score</name>" in archive.read("results.xml")
+        files = sorted(archive.read(name) for name in names if name != "results.xml")
+    for name in names:
+        assert re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name), name  # no folder, `..`, `\\` or leading /
+    assert len({name.casefold() for name in names}) == len(names) == len(stored) + 1
+    assert files == sorted(PNG + bytes([number]) for number in range(len(stored)))
+
+
+def test_a_long_result_filename_is_cut_to_what_the_store_keeps(series_with_instance):
+    response = add(series_with_instance, "Report", file=("r" * 300 + ".pdf", PDF))
+    assert response.status_code == 200, response.json  # PostgreSQL refuses a filename over 255 characters
+    assert response.json["file"] == "r" * 255
+    with zipfile.ZipFile(io.BytesIO(get(series_with_instance, "Report").data)) as archive:
+        assert archive.read("Report") == PDF
+
+
+def test_a_result_whose_series_is_deleted_meanwhile_is_a_404_that_keeps_no_file(seeded, series_with_instance,
+                                                                                monkeypatch):
+    from gateway import results
+
+    find_series = results.find_series
+
+    def find_then_delete(*args):
+        found = find_series(*args)
+        with write_engine().begin() as connection:  # another client's delete, committed in between
+            connection.execute(delete(series))
+        return found
+
+    monkeypatch.setattr(results, "find_series", find_then_delete)
+    response = add(series_with_instance, "Heatmap", file=("map.png", PNG))
+    assert_error(response, 404, "object_not_found", "series_not_found")
+    assert list(seeded.extensions["gateway.storage"].root.rglob("*.bin")) == []
+
+
+WRITERS = 8
+ROUNDS = 4
+
+
+def test_concurrent_writers_of_one_result_name_leave_one_row_and_its_file(seeded, gunicorn):
+    """Writers of one Name at once, through gunicorn (2 processes x 4 threads). On PostgreSQL, writers that
+    each found no row of that name yet raced into the unique constraint (a 500); each answer must be a 200
+    and leave one row, whose file is the only one stored."""
+    base_url, log_path = gunicorn(seeded)
+    storage_root = seeded.extensions["gateway.storage"].root
+    uploaded = requests.post(f"{base_url}/api/v1/instance/upload/", data={"Project": "alpha", "Archive": "main"},
+                             files={"file": ("image.dcm", instance())}, headers=credentials(), timeout=30)
+    assert uploaded.status_code == 200, uploaded.text
+    start = threading.Barrier(WRITERS)
+
+    def payload(round_number, writer):
+        return PNG + f"round {round_number}, writer {writer}".encode()
+
+    def write(round_number, writer):
+        start.wait(timeout=30)  # the writers of a round send at the same moment
+        return requests.post(
+            f"{base_url}/api/v1/series/results/add/",
+            data={**SERIES_PARAMS, "Type": "cad4tb", "Name": "Heatmap", "Algorithm": "CAD4TB"},
+            files={"file": ("map.png", payload(round_number, writer))}, headers=credentials(), timeout=30,
+        )
+
+    with ThreadPoolExecutor(WRITERS) as pool:
+        for round_number in range(ROUNDS):
+            answers = list(pool.map(write, [round_number] * WRITERS, range(WRITERS)))
+            failures = [(answer.status_code, answer.text) for answer in answers if answer.status_code != 200]
+            assert failures == [], f"round {round_number}: {failures[:2]}\n{log_path.read_text()[-3000:]}"
+
+    with seeded.app_context():
+        rows = db.session.execute(select(series_results.c.storage_key)).scalars().all()
+    assert len(rows) == 1
+    assert [path.relative_to(storage_root).as_posix() for path in storage_root.rglob("*.bin")] == rows
+    kept = (storage_root / rows[0]).read_bytes()
+    assert kept in {payload(ROUNDS - 1, writer) for writer in range(WRITERS)}
+    downloaded = requests.get(f"{base_url}/api/v1/series/results/", headers=credentials(), timeout=30,
+                              params={**SERIES_PARAMS, "Type": "cad4tb", "Results": "Heatmap"})
+    with zipfile.ZipFile(io.BytesIO(downloaded.content)) as archive:
+        assert archive.read("Heatmap.png") == kept

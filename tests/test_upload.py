@@ -4,6 +4,7 @@ Every test checks what the client is told (status and the JSON error body) and w
 kept: rows in the database and files in the storage folder. Every upload made through `upload()`
 also checks that no spooled temp file (`tmp/*.part`) outlives its request.
 """
+import errno
 import filecmp
 import io
 import logging
@@ -14,23 +15,25 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pydicom
 import pydicom.data
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import OperationalError
 from urllib3 import encode_multipart_formdata
 
+from gateway import dicom_ingest
 from gateway.auth import API_PERMISSIONS
 from gateway.auth.users import create_user, grant
-from gateway.db import db
+from gateway.db import db, write_engine
 from gateway.models import instances, patients, series, studies
 from gateway.projects import add_member
 from gateway.storage import FileStorage
-from gateway.synthetic import make_instance
+from gateway.synthetic import CT_IMAGE_STORAGE, make_instance
 
 from .conftest import PASSWORD, assert_error, credentials, instance
 
@@ -391,6 +394,102 @@ def test_identifier_with_a_nul_inside_is_refused(api, seeded, keyword):
     assert "NUL" in response.get_json()["message"]
 
 
+UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+NOT_UIDS = ["../../../../tmp/x", "/etc/passwd", "..\\..\\x", "1..2", ".1.2", "1.2.", "1.2.3a", "1.2 .3",
+            "1.2\\1.3", "1.2.\xb3"]
+
+
+@pytest.mark.parametrize("keyword", UIDS)
+def test_a_uid_that_is_not_digits_and_dots_is_refused(api, seeded, keyword):
+    """The UI value representation: zip entries are named after UIDs, so `../` must never get in."""
+    for value in NOT_UIDS:
+        uids = {**ids_of(instance(1)), "SOPClassUID": CT_IMAGE_STORAGE, keyword: value}
+        response = upload(api, make_instance(*(uids[name] for name in IDS), sop_class_uid=uids["SOPClassUID"]))
+        assert_error(response, 400, "invalid_post_value", "invalid_dicom")
+        assert keyword in response.get_json()["message"], value
+        assert_nothing_stored(seeded)
+
+
+def test_patient_id_is_no_uid_and_sop_class_uid_may_be_absent(api, seeded):
+    uids = {**ids_of(instance(1)), "PatientID": "../PAT 1/x"}  # an LO: any text but a backslash
+    assert upload(api, make_instance(*(uids[keyword] for keyword in IDS))).get_json() == uids
+    dataset = pydicom.dcmread(io.BytesIO(instance(1, patient="PAT-2")))
+    del dataset.SOPClassUID
+    assert upload(api, dicom_bytes(dataset)).status_code == 200
+
+
+def _element(group, element, vr, value):
+    """An explicit VR little endian element of a VR with a 2-byte length."""
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _nested_sequences(depth):
+    """An undefined-length sequence of one item, nested `depth` deep and left open (the file ends first)."""
+    sequence = struct.pack("<HH2sHI", 0x7FE1, 0x0010, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    return (sequence + item) * depth
+
+
+def _with_charset_element(data, element):
+    """The file with `element` as its (0008,0005), which goes just before SOPClassUID (0008,0016)."""
+    at = data.index(struct.pack("<HH2s", 0x0008, 0x0016, b"UI"))
+    return data[:at] + element + data[at:]
+
+
+def _deflated(data):
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    return dicom_bytes(dataset)
+
+
+def _cut_inside_the_pixel_data_header(data):
+    return data[: data.index(struct.pack("<HH2s", 0x7FE0, 0x0010, b"OW")) + 9]
+
+
+def _odd_group_length(data):
+    """(0002,0000), a UL, given 3 bytes: it is the first element after the preamble and 'DICM'."""
+    assert data[132:140] == struct.pack("<HH2sH", 0x0002, 0x0000, b"UL", 4)
+    return data[:132] + _element(0x0002, 0x0000, b"UL", data[140:143]) + data[144:]
+
+
+# Each a file that makes pydicom raise one of the errors read_instance takes for malformed input.
+MALFORMED = {
+    "pydicom.errors.InvalidDicomError": lambda data: data[128:],  # no preamble
+    "builtins.OSError": lambda data: data + _nested_sequences(1),
+    "builtins.RecursionError": lambda data: data + _nested_sequences(5000),
+    "builtins.TypeError": lambda data: _with_charset_element(data, _element(0x0008, 0x0005, b"PN", b"ISO_IR 100")),
+    "builtins.ValueError": lambda data: _with_charset_element(data, _element(0x0008, 0x0005, b"CS", b"ISO_IR\x00100")),
+    "builtins.NotImplementedError": lambda data: data.replace(b"\x02\x00\x10\x00UI", b"\x02\x00\x10\x00QQ"),
+    "pydicom.errors.BytesLengthException": _odd_group_length,
+    "zlib.error": lambda data: _deflated(data)[:-9],  # the end of the deflate stream
+    "struct.error": _cut_inside_the_pixel_data_header,
+}
+
+
+@pytest.mark.parametrize("raised", sorted(MALFORMED))
+def test_what_pydicom_raises_on_malformed_input_is_a_400(api, seeded, raised, tmp_path):
+    data = MALFORMED[raised](instance(1))
+    path = tmp_path / "malformed.dcm"
+    path.write_bytes(data)
+    with open(path, "rb") as handle, pytest.raises(dicom_ingest.InvalidDicom) as refused:
+        dicom_ingest.read_instance(handle, len(data))
+    cause = refused.value.__context__
+    assert f"{type(cause).__module__}.{type(cause).__name__}" == raised  # the file really makes pydicom raise it
+    assert_error(upload(api, data), 400, "invalid_post_value", "invalid_dicom")
+    assert_nothing_stored(seeded)
+
+
+def test_a_time_with_other_digits_than_ascii_is_no_time(api, seeded):
+    dataset = pydicom.dcmread(io.BytesIO(instance(1)))
+    dataset.SpecificCharacterSet = "ISO_IR 100"
+    data = dicom_bytes(dataset).replace(b"101500", b"10\xb3500")  # "10³500": str.isdigit() takes "³"
+    response = upload(api, data)
+    assert response.status_code == 200, response.get_json()
+    study = api.get("study/get/", Project="alpha", Archive="main", PatientID="PAT-1",
+                    StudyInstanceUID=ids_of(data)["StudyInstanceUID"])
+    assert study.get_json()["StudyTime"] is None
+
+
 def test_upload_larger_than_the_limit_is_refused(api, seeded):
     data = make_instance("PAT-1", "1.2.3.1", "1.2.3.1.1", "1.2.3.1.1.1", rows=1500, columns=1500)
     assert len(data) > 4 * 1024 * 1024  # the app fixture's MAX_UPLOAD_MB
@@ -512,6 +611,34 @@ def test_client_filenames_never_decide_where_files_land(api, seeded, tmp_path, m
         assert CLEAN_FILENAME.match(stored), (name, stored)
         assert "/" not in stored and "\\" not in stored and ".." not in stored, (name, stored)
         assert not stored.startswith("."), (name, stored)
+
+
+# What rows that older code stored may hold, and names that only differ in case or in what is left out.
+HOSTILE_STORED_UIDS = ["../../../../tmp/x", "/etc/passwd", "..\\..\\evil", "tmp_x", "TMP_X", "..", ""]
+
+
+def test_zip_entry_names_are_safe_whatever_uids_are_stored(api, seeded):
+    files = [instance(number) for number in range(1, len(HOSTILE_STORED_UIDS) + 2)]
+    for data in files:
+        assert upload(api, data).status_code == 200
+    with seeded.app_context(), write_engine().begin() as connection:
+        for data, hostile in zip(files, HOSTILE_STORED_UIDS):  # the last file keeps its own UID
+            connection.execute(
+                update(instances)
+                .where(instances.c.sop_instance_uid == ids_of(data)["SOPInstanceUID"])
+                .values(sop_instance_uid=hostile)
+            )
+    response = api.get("dicom/get/", Project="alpha", Archive="main",
+                       **{keyword: ids_of(files[0])[keyword] for keyword in IDS[:3]})
+    assert response.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(response.get_data())) as archive_zip:
+        names = archive_zip.namelist()
+        contents = [archive_zip.read(name) for name in names]
+    for name in names:
+        assert CLEAN_FILENAME.match(name) and not name.startswith("."), name  # no folder, `..`, `\\` or leading /
+    assert len({name.casefold() for name in names}) == len(names) == len(files)  # none unpacks over another
+    assert sorted(contents) == sorted(files)
+    assert f"{ids_of(files[-1])['SOPInstanceUID']}.dcm" in names  # a UID names its entry as it is
 
 
 # --- retina projects ----------------------------------------------------------------------------------------
@@ -701,6 +828,27 @@ def test_failure_right_after_placing_the_file_leaves_nothing(api, seeded, monkey
     assert_nothing_stored(seeded)  # neither the row nor the file that was moved into place
 
 
+@pytest.mark.parametrize(
+    "module, function, error",
+    [
+        (dicom_ingest, "_check_complete", AttributeError("'DataElement' object has no attribute 'value_tell'")),
+        (dicom_ingest, "_date", TypeError("a bug in our extraction")),
+        (dicom_ingest, "_time", ValueError("a bug in our extraction")),
+        (pydicom, "dcmread", OSError(errno.EIO, "Input/output error")),  # the disk, not the file
+    ],
+    ids=["AttributeError", "TypeError", "ValueError", "EIO"],
+)
+def test_a_bug_or_a_disk_error_while_reading_is_a_logged_500_not_a_400(api, seeded, monkeypatch, caplog, module,
+                                                                         function, error):
+    monkeypatch.setattr(module, function, mock.Mock(side_effect=error))
+    response = upload(api, instance(1))
+    _assert_clean_500(response)
+    assert str(error) not in response.get_data(as_text=True)
+    [logged] = [record for record in caplog.records if record.name == "gateway.v1" and record.exc_info]
+    assert logged.exc_info[1] is error
+    assert_nothing_stored(seeded)
+
+
 def _postgresql_only(app):
     with app.app_context():
         if db.engine.dialect.name != "postgresql":
@@ -726,7 +874,7 @@ def test_an_upload_whose_series_is_deleted_under_it_is_stored_anew(api, seeded, 
     _postgresql_only(seeded)
     caplog.set_level(logging.INFO, logger="gateway.archive")
     assert upload(api, instance(1)).status_code == 200
-    with seeded.app_context(), db.engine.connect().execution_options(isolation_level="READ COMMITTED") as deleter:
+    with seeded.app_context(), write_engine().connect() as deleter:
         deleter.execute(delete(series))  # uncommitted: it holds the series row
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(upload, api, instance(2))
@@ -749,7 +897,7 @@ def test_a_repeated_upload_whose_instance_is_deleted_under_it_is_stored_anew(api
     compare = filecmp.cmp
 
     def delete_then_compare(ours, stored, shallow=True):
-        with seeded.app_context(), db.engine.begin() as deleter:
+        with seeded.app_context(), write_engine().begin() as deleter:
             deleter.execute(delete(series))
         os.remove(stored)  # as the delete's own clean-up would
         return compare(ours, stored, shallow)

@@ -13,12 +13,13 @@ import uuid
 
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from ..db import utcnow
 from ..errors import GatewayError, InvalidValue, NotAuthenticated, ObjectNotFound
-from ..validation import parse_json
+from ..validation import parse_json, storable_text
 from ..v1 import bp as archive_bp
-from . import mappings, store, transactions
+from . import mappings, store
 from .query import parse_query, search_annotations, search_documents
 
 log = logging.getLogger(__name__)
@@ -149,13 +150,27 @@ def _read_request():
         return preflight
     if "callback" in request.args and _jsonp_name() is None:
         raise InvalidValue("invalid_callback", "callback must be a JavaScript function name ([A-Za-z_$][\\w$.]*)")
-    request.max_content_length = request.max_form_memory_size = MAX_REQUEST_BYTES
+    # A body of unknown length (chunked) is read to one byte past the limit: longer ones are then told
+    # from those that just fit, instead of being cut off silently.
+    request.max_content_length = MAX_REQUEST_BYTES + 1
+    request.max_form_memory_size = MAX_REQUEST_BYTES
+    _check_parameters()
     passphrase, g.query = _passphrase_and_query()
     if current_app.view_functions[request.endpoint] in (need_passphrase, check_phrase):
         return None
     if not _passphrase().accepts(request.remote_addr, passphrase):
         raise NotAuthenticated(None, "the passphrase is wrong" if passphrase else _PASSPHRASE_NEEDED)
     return None
+
+
+def _check_parameters():
+    """Path parts and parameters that no store could keep (a NUL, a lone surrogate) are a 400 here, before
+    any of them reaches a query (the JSON query's own strings are parse_query's to check)."""
+    for name, value in [*(request.view_args or {}).items(), *request.values.items(multi=True)]:
+        try:
+            storable_text(value, f"the parameter {name}")
+        except ValueError as error:
+            raise InvalidValue("invalid_parameter", str(error)) from None
 
 
 def _passphrase_and_query():
@@ -222,6 +237,7 @@ def _results(call, query, rows, warnings=()):
     answered as an error.
     """
     transaction_id, started_at, client_address = str(uuid.uuid4()), utcnow(), request.remote_addr
+    search_log = current_app.extensions["gateway.search_log"]
     query_json = json.dumps(query)
     first = next(rows, _NO_ROWS)
     head = {"success": True, "transactionId": transaction_id, **({"warnings": warnings} if warnings else {})}
@@ -243,7 +259,7 @@ def _results(call, query, rows, warnings=()):
         finally:
             if hasattr(rows, "close"):  # a search's rows hold a database cursor
                 rows.close()
-            transactions.record(transaction_id, started_at, call, query_json, client_address, count)
+            search_log.record(transaction_id, started_at, call, query_json, client_address, count)
 
     return _respond(stream_with_context(chunks()))
 
@@ -251,6 +267,7 @@ def _results(call, query, rows, warnings=()):
 # --- errors and headers of everything under /api/ but /api/v1/ -----------------------------------------------
 
 _HTTP_MESSAGES = {
+    308: "this call's URL is {location}",
     404: "there is no such call in the annotation API",
     405: "this call does not accept the {method} method",
     413: f"the request is larger than the annotation API accepts ({MAX_REQUEST_BYTES:,} bytes)",
@@ -266,14 +283,20 @@ def _in_annotation_api():
 
 @bp.errorhandler(GatewayError)
 def _gateway_error(error):
-    return _error(error.status, error.message)
+    response = _error(error.status, error.message)
+    response.headers.update(error.headers)
+    return response
 
 
 @bp.errorhandler(HTTPException)
 def _http_error(error):
     message = _HTTP_MESSAGES.get(error.code)
-    message = message.format(method=request.method) if message else error.description
-    return _error(400 if error.code == 413 else error.code, message)  # too large to read is a bad query
+    location = getattr(error, "new_url", None)  # a RequestRedirect's (a path with a doubled slash)
+    message = message.format(method=request.method, location=location) if message else error.description
+    response = _error(400 if error.code == 413 else error.code, message)  # too large to read is a bad query
+    if location:
+        response.headers["Location"] = location
+    return response
 
 
 @bp.errorhandler(Exception)
@@ -288,7 +311,7 @@ def _unknown_call():
     """A path under /api/ that names no call (or a method no call takes) belongs to no blueprint, so no
     handler of this one would see its error: it is answered here, before dispatch raises it."""
     error = request.routing_exception
-    if isinstance(error, (NotFound, MethodNotAllowed)) and _in_annotation_api():
+    if isinstance(error, (NotFound, MethodNotAllowed, RequestRedirect)) and _in_annotation_api():
         return _http_error(error)
     return None
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from flask import current_app
 from sqlalchemy import delete, insert, select
 
-from ..db import db, write_transaction
+from ..db import db, in_values, write_transaction
 from ..models import mapping_entries, mappings
 from ..validation import read_json_file, storable_text
 from .store import CUI_PATTERN
@@ -91,18 +91,27 @@ def mapping_names():
 
 def get_mapping(name):
     """{term: [CUI, ...]} of the named mapping, or None when there is none of that name."""
+    return get_mappings([name])[name]
+
+
+def get_mappings(names):
+    """{name: {term: [CUI, ...]} or None} for each of `names`: the stored ones read in one statement."""
+    found = dict.fromkeys(names)
     stored = db.session.execute(
-        select(mapping_entries.c.term, mapping_entries.c.cui)
-        .join(mappings, mappings.c.id == mapping_entries.c.mapping_id)
-        .where(mappings.c.name == name)
-        .order_by(mapping_entries.c.term, mapping_entries.c.cui)
-    ).all()
-    if stored:
-        terms = {}
-        for term, cui in stored:
-            terms.setdefault(term, []).append(cui)
-        return terms
-    if db.session.execute(select(mappings.c.id).where(mappings.c.name == name)).first():
-        return {}
-    path = _folder_mappings().get(name)
-    return _read_folder_mapping(path) if path else None
+        select(mappings.c.name, mapping_entries.c.term, mapping_entries.c.cui)
+        .outerjoin(mapping_entries, mapping_entries.c.mapping_id == mappings.c.id)
+        .where(in_values(mappings.c.name, found))
+        .order_by(mappings.c.name, mapping_entries.c.term, mapping_entries.c.cui)
+    )
+    for name, term, cui in stored:
+        if found[name] is None:
+            found[name] = {}  # stored, so a mapping even without terms
+        if term is not None:
+            found[name].setdefault(term, []).append(cui)
+    missing = [name for name, terms in found.items() if terms is None]
+    if missing:
+        folder = _folder_mappings()
+        for name in missing:
+            if name in folder:
+                found[name] = _read_folder_mapping(folder[name])
+    return found

@@ -4,40 +4,62 @@ Semantics (PRODUCT.md): the items of a term's `q` are ORed, terms are ANDed, a t
 leading `-` excludes the documents it matches. A CUI is expanded to its narrower concepts, a SNOMED CT
 id is mapped to its CUIs and expanded, a mapping name stands for its CUIs as listed, anything else is
 free text matched against an annotation's preferred name, ignoring case. Qualifiers constrain the
-same annotation that matched. Every value reaches the database as a bound parameter; a CUI list of
-any length is one parameter (db.in_values).
+same annotation that matched. Every value reaches the database as a bound parameter; a list of
+any length (CUIs, free texts, modalities) is one parameter, so that a statement's depth and size do not
+grow with a query's items (SQLite refuses compounds of 500 SELECTs and expressions 1,000 deep); full-text
+items are ORed in a balanced tree. A query's cost is bounded before it runs (the limits below) and while
+it runs (GATEWAY_SEARCH_SECONDS).
 """
 import dataclasses
+import json
 import re
+import time
 from collections import defaultdict
 
+import psycopg
+from flask import current_app
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 from sqlalchemy import (
+    ARRAY,
+    Text,
     any_,
+    bindparam,
     except_,
     false,
     func,
     intersect,
     literal,
     literal_column,
-    or_,
     select,
     table,
     union,
 )
+from sqlalchemy.exc import OperationalError
 
 from ..db import db, in_values
-from ..errors import InvalidValue
+from ..errors import InvalidValue, SearchTooSlow
 from ..models import annotation_prefs, annotations, concept_relations, concept_snomed, concept_types, concepts, documents
-from ..validation import StrictBoolean, error_lines
+from ..validation import StrictBoolean, error_lines, storable_text
 from . import mappings
 from .store import CUI_PATTERN, EXPERIENCERS, METADATA_COLUMNS, NEGATIONS, TEMPORALITIES
 
 SNOMED_PATTERN = re.compile(r"\d{1,18}")
-MAX_ITEMS = 1_000
-MAX_UIDS = 10_000
-MAX_TEXT = 1_000
+
+# The limits of a query, each refused with a 400 that names it.
+MAX_TERMS = 100
+MAX_ITEMS = 1_000  # values of one list: a term's q, qstop, temporality, modalities, returnFields
+MAX_UIDS = 10_000  # values of one UID list of the filter
+MAX_TEXT = 1_000  # characters of one value
+# q items of all terms together: as many as one term may hold. Each item costs lookups and a share of
+# the statement (a parameter of its own in PostgreSQL's full text), so this bounds the work of a query
+# to about what one full term costs (100 terms of 1,000 items would cost a hundred times that).
+MAX_QUERY_ITEMS = 1_000
+# Concepts of all terms together after expansion (each term's CUI list is one parameter of the
+# statement): nine times the largest query of the benchmark, a root of 11,111 concepts.
+MAX_CONCEPTS = 100_000
 _STREAM_BATCH = 2_000
+_SQLITE_PROGRESS_STEPS = 1_000  # SQLite VM instructions between looks at the clock
+_LIKE_ESCAPE = "\\"
 _FULLTEXT_CONFIG = literal_column("'english'")  # a constant, so PostgreSQL matches it to the GIN index
 
 
@@ -58,9 +80,13 @@ class _TextList(fields.Field):
         if not items:
             raise ValidationError("must not be empty")
         if len(items) > self.max_items:
-            raise ValidationError(f"more than {self.max_items} values")
-        if any(len(item) > MAX_TEXT for item in items):
-            raise ValidationError(f"a value is longer than {MAX_TEXT} characters")
+            raise ValidationError(f"{len(items):,} values; a list may hold at most {self.max_items:,}")
+        for item in items:
+            try:
+                # NUL or a lone surrogate would fail in the database (or cut a SQLite string short)
+                storable_text(item, f"value {item[:20]!r}", MAX_TEXT)
+            except ValueError as error:
+                raise ValidationError(str(error)) from None
         return items
 
 
@@ -138,9 +164,19 @@ class _QuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    terms = fields.List(fields.Nested(_TermSchema), required=True, validate=validate.Length(min=1, max=100))
+    terms = fields.List(
+        fields.Nested(_TermSchema),
+        required=True,
+        validate=validate.Length(min=1, max=MAX_TERMS, error=f"a query has from 1 to at most {MAX_TERMS} terms"),
+    )
     filter = fields.Nested(_FilterSchema)
     returnFields = _ManyOf(tuple(METADATA_COLUMNS))
+
+    @validates_schema
+    def _items_within_limit(self, data, **kwargs):
+        count = sum(len(items) for _excluded, items in (term["q"] for term in data["terms"]))
+        if count > MAX_QUERY_ITEMS:
+            raise ValidationError(f"{count:,} q items in all; a query may have at most {MAX_QUERY_ITEMS:,}", "terms")
 
 
 @dataclasses.dataclass
@@ -184,55 +220,18 @@ def single_term_query(text):
     return parse_query({"terms": [{"q": text}]})
 
 
-# --- concept expansion ----------------------------------------------------------------------------
+# --- resolving items ---------------------------------------------------------------------------------
 
 
-def _semantic_groups(cuis):
-    rows = db.session.execute(
-        select(concept_types.c.cui, concept_types.c.semantic_group).where(in_values(concept_types.c.cui, cuis))
-    )
-    groups = defaultdict(set)
-    for cui, group in rows:
-        groups[cui].add(group)
-    return groups
-
-
-def expand(cui, depth=None, stop=frozenset(), only_same_group=True):
-    """The concept and its narrower concepts, breadth first, each reached once (cycles end there).
-
-    depth: levels to follow (None: all). stop: concepts left out with whatever is reached only
-    through them. only_same_group: leave out, likewise, concepts whose semantic group differs from
-    the queried concept's (when that has one).
-    """
-    if cui in stop:
-        return set()
-    wanted_groups = _semantic_groups([cui]).get(cui) if only_same_group else None
-    found, frontier, level = {cui}, {cui}, 0
-    children_of = select(concept_relations.c.child_cui, concept_types.c.semantic_group).select_from(
-        concept_relations.outerjoin(concept_types, concept_types.c.cui == concept_relations.c.child_cui)
-    )
-    while frontier and (depth is None or level < depth):
-        child_groups = defaultdict(set)
-        for child, group in db.session.execute(children_of.where(in_values(concept_relations.c.parent_cui, frontier))):
-            child_groups[child].add(group)
-        frontier = {
-            child
-            for child, groups in child_groups.items()
-            if child not in found and child not in stop and (not wanted_groups or groups & wanted_groups)
-        }
-        found |= frontier
-        level += 1
-    return found
-
-
-# --- compiling a query ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared and hashed as itself
 class _Matcher:
-    """Annotations with one of `cuis` or one of the preferred names `texts`, and the term's qualifiers."""
+    """Annotations with one of `cuis` or one of the preferred names `texts`, and the term's qualifiers.
+
+    roots: the dictionary's CUIs among what the items name, expanded into `cuis` by _expand.
+    """
 
     term: Term
+    roots: set = dataclasses.field(default_factory=set)
     cuis: set = dataclasses.field(default_factory=set)
     texts: list = dataclasses.field(default_factory=list)
 
@@ -250,60 +249,200 @@ class _Matcher:
         parts = []
         if self.cuis:
             parts.append(select(annotations.c.document_id).where(in_values(annotations.c.cui, sorted(self.cuis)), *conditions))
-        for text in self.texts:
-            # annotation_prefs narrows the CUIs; the name itself is checked on each annotation.
-            named_cuis = select(annotation_prefs.c.cui).where(annotation_prefs.c.pref_key == func.lower(text))
+        if self.texts:
+            # annotation_prefs (each lower-cased preferred name of the annotations, with its CUIs) gives the
+            # CUIs of the names, for the CUI index; the name itself is checked on each annotation.
+            lowered = select(func.lower(_values_table(self.texts).c.value))
+            named_cuis = select(annotation_prefs.c.cui).where(annotation_prefs.c.pref_key.in_(lowered))
             parts.append(
                 select(annotations.c.document_id).where(
-                    annotations.c.cui.in_(named_cuis), func.lower(annotations.c.pref) == func.lower(text), *conditions
+                    annotations.c.cui.in_(named_cuis), func.lower(annotations.c.pref).in_(lowered), *conditions
                 )
             )
         return _plain(union(*parts)) if len(parts) > 1 else parts[0]
 
 
-class _Resolver:
-    """Turns query items into CUIs and free texts, collecting warnings."""
+def _matchers(terms):
+    """(included, excluded, items) of a query's terms: the matchers of the documents the terms ask for and
+    of those they exclude (a term's matcher only if some item is its), and every (matcher, item) in the
+    query's order, each item without its `-`."""
+    included, excluded, items = [], [], []
+    for term in terms:
+        wanted, unwanted = _Matcher(term), _Matcher(term)
+        term_items = [
+            (unwanted if term.excluded or item.startswith("-") else wanted, item.lstrip("-").strip())
+            for item in term.items
+        ]
+        term_items = [(matcher, item) for matcher, item in term_items if item]
+        items += term_items
+        matched = {matcher for matcher, _item in term_items}
+        included += [wanted] if wanted in matched else []
+        excluded += [unwanted] if unwanted in matched else []
+    return included, excluded, items
 
-    def __init__(self):
-        self.warnings = []
-        self._mappings = {}
 
-    def matchers(self, term):
-        """(matcher of the documents the term asks for, matcher of those it excludes); None for none."""
-        included, excluded = _Matcher(term), _Matcher(term)
-        has_included = has_excluded = False
-        for item in term.items:
-            is_exclusion = term.excluded or item.startswith("-")
-            has_excluded |= is_exclusion
-            has_included |= not is_exclusion
-            item = item.lstrip("-").strip()
-            if item:
-                self._resolve(item, term, excluded if is_exclusion else included)
-        return (included if has_included else None), (excluded if has_excluded else None)
+def _kind(item):
+    if CUI_PATTERN.fullmatch(item):
+        return "cui"
+    if SNOMED_PATTERN.fullmatch(item):
+        return "snomed"
+    return "name"  # a mapping's name, else free text
 
-    def _resolve(self, item, term, matcher):
-        if CUI_PATTERN.fullmatch(item):
-            cui = item.upper()
-            if not db.session.execute(select(concepts.c.cui).where(concepts.c.cui == cui)).first():
-                self.warnings.append(f"{cui} is not in the concept dictionary: it matches only itself")
-                matcher.cuis.add(cui)
-                return
-            matcher.cuis |= expand(cui, term.qdepth, term.qstop, term.qonlysty)
-        elif SNOMED_PATTERN.fullmatch(item):
-            cuis = db.session.execute(select(concept_snomed.c.cui).where(concept_snomed.c.snomed_id == item)).scalars().all()
-            if not cuis:
-                self.warnings.append(f"SNOMED CT id {item} is not in the concept dictionary")
-            for cui in cuis:
-                matcher.cuis |= expand(cui, term.qdepth, term.qstop, term.qonlysty)
-        elif (mapping := self._mapping(item)) is not None:
-            matcher.cuis.update(cui for cuis in mapping.values() for cui in cuis)
-        else:
-            matcher.texts.append(item)
 
-    def _mapping(self, name):
-        if name not in self._mappings:
-            self._mappings[name] = mappings.get_mapping(name)
-        return self._mappings[name]
+class _Dictionary:
+    """What the items of a query stand for: each kind of item looked up for all of them in one statement."""
+
+    def __init__(self, items):
+        by_kind = defaultdict(set)
+        for item in items:
+            by_kind[_kind(item)].add(item)
+        cuis = {item.upper() for item in by_kind["cui"]}
+        self.known_cuis = set(
+            db.session.execute(select(concepts.c.cui).where(in_values(concepts.c.cui, cuis))).scalars() if cuis else ()
+        )
+        self.snomed_cuis = defaultdict(list)
+        if by_kind["snomed"]:
+            for snomed_id, cui in db.session.execute(
+                select(concept_snomed.c.snomed_id, concept_snomed.c.cui).where(
+                    in_values(concept_snomed.c.snomed_id, by_kind["snomed"])
+                )
+            ):
+                self.snomed_cuis[snomed_id].append(cui)
+        self.mappings = mappings.get_mappings(by_kind["name"]) if by_kind["name"] else {}
+
+    def resolve(self, items):
+        """Puts each (matcher, item) into its matcher: roots, CUIs or free texts; the warnings, in item order."""
+        warnings = []
+        for matcher, item in items:
+            kind = _kind(item)
+            if kind == "cui":
+                cui = item.upper()
+                if cui in self.known_cuis:
+                    matcher.roots.add(cui)
+                else:
+                    warnings.append(f"{cui} is not in the concept dictionary: it matches only itself")
+                    matcher.cuis.add(cui)
+            elif kind == "snomed":
+                if item not in self.snomed_cuis:
+                    warnings.append(f"SNOMED CT id {item} is not in the concept dictionary")
+                matcher.roots.update(self.snomed_cuis.get(item, ()))
+            elif (mapping := self.mappings.get(item)) is not None:
+                matcher.cuis.update(cui for cuis in mapping.values() for cui in cuis)
+            else:
+                matcher.texts.append(item)
+        return warnings
+
+
+# --- concept expansion ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _Walk:
+    """A breadth-first walk from roots of one semantic group set down the dictionary into a matcher's CUIs.
+
+    Each concept is reached once (cycles end there); the term's qstop concepts are left out with whatever
+    is reached only through them; with qonlysty, so are concepts that share none of `groups` (the roots'
+    semantic groups; none: any concept is kept).
+    """
+
+    matcher: _Matcher
+    groups: frozenset
+    frontier: set
+    found: set = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.found = set(self.frontier)
+        self.matcher.cuis |= self.frontier
+
+    def goes_on(self, level):
+        depth = self.matcher.term.qdepth
+        return bool(self.frontier) and (depth is None or level < depth)
+
+    def step(self, children):
+        """One level down; children: {parent: {child: its semantic groups}}."""
+        stop = self.matcher.term.qstop
+        self.frontier = {
+            child
+            for parent in self.frontier
+            for child, groups in children.get(parent, {}).items()
+            if child not in self.found and child not in stop and (not self.groups or groups & self.groups)
+        }
+        self.found |= self.frontier
+        self.matcher.cuis |= self.frontier
+
+
+def _semantic_groups(cuis):
+    rows = db.session.execute(
+        select(concept_types.c.cui, concept_types.c.semantic_group).where(in_values(concept_types.c.cui, cuis))
+    )
+    groups = defaultdict(set)
+    for cui, group in rows:
+        groups[cui].add(group)
+    return groups
+
+
+def _children(parents):
+    """{parent: {child: its semantic groups}} of the narrower relations of `parents`."""
+    rows = db.session.execute(
+        select(concept_relations.c.parent_cui, concept_relations.c.child_cui, concept_types.c.semantic_group)
+        .select_from(concept_relations.outerjoin(concept_types, concept_types.c.cui == concept_relations.c.child_cui))
+        .where(in_values(concept_relations.c.parent_cui, parents))
+    )
+    children = defaultdict(lambda: defaultdict(set))
+    for parent, child, group in rows:
+        children[parent][child].add(group)
+    return children
+
+
+def _expand(matchers):
+    """Adds to each matcher's CUIs its roots with their narrower concepts (see _Walk).
+
+    The roots of a matcher that share their semantic groups walk together, and every walk of the query
+    goes down a level at a time: one statement per level, however many roots. InvalidValue as soon as the
+    matchers' CUIs (counted per matcher) are more than MAX_CONCEPTS.
+    """
+    with_groups = {root for matcher in matchers if matcher.term.qonlysty for root in matcher.roots}
+    groups_of = _semantic_groups(with_groups) if with_groups else {}
+    walks = []
+    for matcher in matchers:
+        frontiers = defaultdict(set)
+        for root in matcher.roots - matcher.term.qstop:
+            frontiers[frozenset(groups_of.get(root, ())) if matcher.term.qonlysty else frozenset()].add(root)
+        walks += [_Walk(matcher, groups, frontier) for groups, frontier in frontiers.items()]
+    level = 0
+    while True:
+        count = sum(len(matcher.cuis) for matcher in matchers)
+        if count > MAX_CONCEPTS:
+            raise InvalidValue(
+                "invalid_query",
+                f"the query's items stand for more than {MAX_CONCEPTS:,} concepts after expansion, the most a"
+                " query may have; narrow it with qdepth or qstop, or split it",
+            )
+        walks = [walk for walk in walks if walk.goes_on(level)]
+        if not walks:
+            return
+        children = _children(set().union(*(walk.frontier for walk in walks)))
+        for walk in walks:
+            walk.step(children)
+        level += 1
+
+
+# --- compiling a query ------------------------------------------------------------------------------
+
+
+def _values_table(values):
+    """A table of one column, `value`, holding the strings `values`, passed as ONE bind parameter (as
+    db.in_values passes a list): a PostgreSQL array unnested, a SQLite JSON array read by json_each."""
+    values = list(values)
+    if db.engine.dialect.name == "postgresql":
+        # AS anon(value): PostgreSQL would name the column after the alias
+        return func.unnest(bindparam(None, values, type_=ARRAY(Text))).table_valued("value").render_derived()
+    return func.json_each(bindparam(None, json.dumps(values))).table_valued("value")
+
+
+def _like_escaped(text):
+    """text as a LIKE pattern that matches only itself, with _LIKE_ESCAPE as its ESCAPE character."""
+    return text.replace(_LIKE_ESCAPE, 2 * _LIKE_ESCAPE).replace("%", _LIKE_ESCAPE + "%").replace("_", _LIKE_ESCAPE + "_")
 
 
 def _plain(compound):
@@ -319,6 +458,19 @@ def _combine(included, excluded):
     return matched
 
 
+def _has_a_modality(modalities):
+    """ModalitiesInStudy holds one of `modalities`. It is DICOM multi-valued ("CT\\SR"): look for \\CT\\ in
+    \\CT\\SR\\, with LIKE patterns from one list parameter, escaped by a backslash (PostgreSQL's default
+    ESCAPE character, which `LIKE ANY` cannot change; SQLite is told)."""
+    delimited = literal("\\") + documents.c.modalities_in_study + literal("\\")
+    patterns = ["%" + _like_escaped("\\" + modality.upper() + "\\") + "%" for modality in modalities]
+    if db.engine.dialect.name == "postgresql":
+        return delimited.like(any_(bindparam(None, patterns, type_=ARRAY(Text))))
+    # MATERIALIZED: read once, not again for each document
+    listed = select(_values_table(patterns).c.value.label("pattern")).cte("modality_patterns").prefix_with("MATERIALIZED")
+    return select(listed.c.pattern).where(delimited.like(listed.c.pattern, escape=_LIKE_ESCAPE)).exists()
+
+
 def _filters(query_filter):
     conditions = []
     if "start_date" in query_filter:
@@ -326,11 +478,7 @@ def _filters(query_filter):
     if "end_date" in query_filter:
         conditions.append(documents.c.content_date <= query_filter["end_date"])
     if "modalities" in query_filter:
-        # ModalitiesInStudy is DICOM multi-valued ("CT\SR"): look for \CT\ in \CT\SR\.
-        delimited = literal("\\") + documents.c.modalities_in_study + literal("\\")
-        conditions.append(
-            or_(*(delimited.contains(f"\\{modality.upper()}\\", autoescape=True) for modality in query_filter["modalities"]))
-        )
+        conditions.append(_has_a_modality(query_filter["modalities"]))
     for key, column in (
         ("sopinstanceuid", documents.c.sop_instance_uid),
         ("seriesinstanceuid", documents.c.series_instance_uid),
@@ -366,15 +514,55 @@ class Search:
         return list(self.rows())
 
 
+def _too_slow(seconds):
+    return SearchTooSlow(
+        "search_too_slow",
+        f"the search took longer than {seconds:g} s, the most a search may take; narrow it (fewer items or"
+        " concepts, a date range, fewer documents) or try again later",
+    )
+
+
 def _stream(statement):
-    """Rows of a statement fetched in batches (a server-side cursor on PostgreSQL)."""
+    """Rows of a statement fetched in batches (a server-side cursor on PostgreSQL); SearchTooSlow when the
+    database works on one batch for longer than the time budget (GATEWAY_SEARCH_SECONDS)."""
+    # per batch of rows: the time a client takes to read the answer does not count
+    seconds = current_app.config["SEARCH_SECONDS"]
     if db.engine.dialect.name == "postgresql":
         # A server-side cursor lives in a transaction; the app's connections run in autocommit.
         with db.engine.connect().execution_options(isolation_level="REPEATABLE READ") as connection:
-            yield from connection.execution_options(yield_per=_STREAM_BATCH).execute(statement)
+            # For this transaction only (SET LOCAL); each FETCH of the cursor is a statement of its own.
+            milliseconds = max(1, round(seconds * 1000))  # 0 would mean no limit
+            connection.execute(select(func.set_config("statement_timeout", str(milliseconds), True)))
+            try:
+                yield from connection.execution_options(yield_per=_STREAM_BATCH).execute(statement)
+            except OperationalError as error:
+                if isinstance(error.orig, psycopg.errors.QueryCanceled):
+                    raise _too_slow(seconds) from None
+                raise
             connection.rollback()
-    else:
-        yield from db.session.connection().execution_options(yield_per=_STREAM_BATCH).execute(statement)
+        return
+    # SQLite: a progress handler, called as the statement runs, interrupts it once the budget of the
+    # batch being fetched is spent; the clock starts again for each batch. The stream has a connection
+    # of its own, as on PostgreSQL: the request's session is closed when the view returns, before the
+    # answer is sent, and its connection may then serve another request's thread.
+    with db.engine.connect() as connection:
+        sqlite_connection = connection.connection.driver_connection
+        deadline = time.monotonic() + seconds
+
+        def spent():
+            return time.monotonic() > deadline
+
+        sqlite_connection.set_progress_handler(spent, _SQLITE_PROGRESS_STEPS)
+        try:
+            for batch in connection.execution_options(yield_per=_STREAM_BATCH).execute(statement).partitions():
+                yield from batch
+                deadline = time.monotonic() + seconds
+        except OperationalError:
+            if spent():
+                raise _too_slow(seconds) from None
+            raise
+        finally:  # the connection goes back to the pool: no handler may stay on it
+            sqlite_connection.set_progress_handler(None, 0)
 
 
 def _final_statement(matched_ids, query):
@@ -397,20 +585,16 @@ def _final_statement(matched_ids, query):
 
 def search_annotations(query):
     """The Search of documents whose annotations match the query."""
-    resolver = _Resolver()
-    included, excluded = [], []
-    for term in query.terms:
-        term_included, term_excluded = resolver.matchers(term)
-        if term_included is not None:
-            included.append(term_included)
-        if term_excluded is not None and not term_excluded.empty():
-            excluded.append(term_excluded)
+    included, excluded, items = _matchers(query.terms)
     if not included:
         raise InvalidValue("invalid_query", "a query made only of exclusions would return every document")
+    warnings = _Dictionary(item for _matcher, item in items).resolve(items)
+    _expand(included + excluded)
     if any(matcher.empty() for matcher in included):
-        return Search(None, query.return_fields, resolver.warnings)
+        return Search(None, query.return_fields, warnings)
+    excluded = [matcher for matcher in excluded if not matcher.empty()]
     matched = _combine([matcher.documents() for matcher in included], [matcher.documents() for matcher in excluded])
-    return Search(_final_statement(matched, query), query.return_fields, resolver.warnings)
+    return Search(_final_statement(matched, query), query.return_fields, warnings)
 
 
 # --- full text --------------------------------------------------------------------------------------
@@ -419,16 +603,23 @@ _fts_table = table("documents_fts", literal_column("rowid"))
 _WORD = re.compile(r"[^\W_]+")  # as FTS5's unicode61 tokenizer splits words: "_" is a separator
 
 
+def _ored(tsqueries):
+    """The tsqueries ORed in a balanced tree of `||`: a chain would be as deep as they are many, too deep
+    for SQLAlchemy's compiler at 1,000 (joined as text and cast back to one tsquery, they would take
+    PostgreSQL's parser seconds). One parameter each: MAX_QUERY_ITEMS keeps them few."""
+    if len(tsqueries) == 1:
+        return tsqueries[0]
+    middle = len(tsqueries) // 2
+    return _ored(tsqueries[:middle]).op("||")(_ored(tsqueries[middle:]))
+
+
 def _fulltext_ids(items):
     """SELECT of the ids of documents whose text has every word of one of the items."""
     phrases = [_WORD.findall(item) for item in items]
     if not all(phrases):
         raise InvalidValue("invalid_query", "a full-text item without any word to search for")
     if db.engine.dialect.name == "postgresql":
-        tsquery = None
-        for item in items:
-            item_query = func.plainto_tsquery(_FULLTEXT_CONFIG, item)
-            tsquery = item_query if tsquery is None else tsquery.op("||")(item_query)
+        tsquery = _ored([func.plainto_tsquery(_FULLTEXT_CONFIG, item) for item in items])
         vector = func.to_tsvector(_FULLTEXT_CONFIG, func.coalesce(documents.c.report_text, literal_column("''")))
         return select(documents.c.id).where(vector.op("@@")(tsquery))
     # FTS5 query syntax from words only: each word quoted, words ANDed, items ORed.

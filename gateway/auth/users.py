@@ -1,11 +1,12 @@
 """Archive users: creation, permissions, and the check that every v1 call makes."""
 
-from flask import current_app
-from sqlalchemy import and_, bindparam, delete, exists, insert, select
+from flask import current_app, request
+from sqlalchemy import and_, bindparam, delete, exists, insert, literal, select
 
 from ..db import db, utcnow, write_transaction
 from ..errors import NotAllowed, NotAuthenticated
 from ..models import archives, project_members, projects, user_permissions, users
+from . import throttle
 from .credentials import hash_password
 from .permissions import expand_permissions
 
@@ -55,10 +56,12 @@ def grant(username, names):
     return permissions
 
 
-# One round trip for everything a call checks before it looks at its object: the credentials, the
-# permission, and the membership, kind and archive of the project it names.
+# One round trip for everything a call checks before it looks at its object: whether the client or
+# the account is throttled, the credentials, the permission, and the membership, kind and archive of
+# the project it names. It answers one row even for an unknown username (the throttle's).
 _ACCESS = (
     select(
+        throttle.blocked_since().label("blocked_since"),
         users.c.id,
         users.c.password_hash,
         exists()
@@ -69,36 +72,40 @@ _ACCESS = (
         project_members.c.can_upload,
         archives.c.id.label("archive_id"),
     )
-    .select_from(users)
+    .select_from(select(literal(1).label("anchor")).subquery())
+    .outerjoin(users, users.c.username == bindparam("username"))
     .outerjoin(projects, projects.c.name == bindparam("project"))
     .outerjoin(
         project_members, and_(project_members.c.project_id == projects.c.id, project_members.c.user_id == users.c.id)
     )
     .outerjoin(archives, and_(archives.c.project_id == projects.c.id, archives.c.name == bindparam("archive")))
-    .where(users.c.username == bindparam("username"))
 )
 
 
 def authenticate(username, password, permission, project=None, archive=None):
     """The user these credentials name, who must hold `permission`, with what they may reach of `project`.
 
-    Raises NotAuthenticated (missing or wrong credentials) before NotAllowed (missing permission).
+    Raises NotAuthenticated (missing or wrong credentials; TooManyFailures, a 429, while the client
+    address or the account has failed too often lately) before NotAllowed (missing permission).
     The row returned carries the user's `id` and the columns that projects.archive_ref() reads.
     """
     if not username or not password:
         raise NotAuthenticated(None, "X-USERNAME and X-PASSWORD headers are required")
-    row = None
-    if "\x00" not in username:  # no stored username holds a NUL, and PostgreSQL refuses to compare one
-        row = (
-            db.session.connection()
-            .execute(_ACCESS, {"username": username, "permission": permission, "project": project, "archive": archive})
-            .first()
-        )
-    cache = current_app.extensions["gateway.credentials"]
-    if row is None:
-        cache.verify(None, None, password)
-        raise NotAuthenticated(None, "wrong username or password")
-    if not cache.verify(row.id, row.password_hash, password):
+    if "\x00" in username:  # no stored username holds a NUL, and PostgreSQL refuses to compare one
+        username = ""
+    throttle_keys = [("address", request.remote_addr), ("account", username)]
+    row = (
+        db.session.connection()
+        .execute(_ACCESS, {
+            "username": username, "permission": permission, "project": project, "archive": archive,
+            **throttle.blocked_since_parameters(throttle_keys),
+        })
+        .one()
+    )
+    throttle.refuse_if_blocked(row.blocked_since)
+    if not current_app.extensions["gateway.credentials"].verify(row.id, row.password_hash, password):
+        # an unknown username is counted by address only: strangers' guesses add no account rows
+        throttle.record_failure(throttle_keys if row.id is not None else throttle_keys[:1])
         raise NotAuthenticated(None, "wrong username or password")
     if not row.allowed:
         raise NotAllowed(None, f"this call needs the permission {permission}")

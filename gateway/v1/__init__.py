@@ -3,6 +3,7 @@ import logging
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed
+from werkzeug.routing import RequestRedirect
 from werkzeug.utils import secure_filename
 
 from .. import archive as archive_store
@@ -196,6 +197,7 @@ def add_form_submission():
 # --- error bodies ----------------------------------------------------------------------------------------
 
 _HTTP_ERRORS = {
+    308: ("moved_permanently", None, "this call's URL ends with a slash: {location}"),
     400: (None, None, "the request could not be read"),
     404: ("object_not_found", "unknown_call", "there is no such API call"),
     405: ("method_not_allowed", None, "this call does not accept the {method} method"),
@@ -224,7 +226,9 @@ def register_error_handlers(app):
         error_type = error.error_type
         if error_type == "invalid_value":
             error_type = _value_error_type()
-        return _error_body(error.status, error_type, error.suberror_type, error.message)
+        response = _error_body(error.status, error_type, error.suberror_type, error.message)
+        response.headers.update(error.headers)
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(error):
@@ -237,10 +241,21 @@ def register_error_handlers(app):
             message += f" ({app.config['MAX_UPLOAD_MB']:g} MB)"
         elif error.code == 400 and error.description != BadRequest.description:
             message = error.description
-        response = _error_body(error.code, error_type or _value_error_type(), suberror_type, message.format(method=request.method))
+        location = getattr(error, "new_url", None)  # a RequestRedirect's
+        message = message.format(method=request.method, location=location)
+        response = _error_body(error.code, error_type or _value_error_type(), suberror_type, message)
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
             response.headers["Allow"] = ", ".join(sorted(error.valid_methods))
+        if location:
+            response.headers["Location"] = location
         return response
+
+    @app.before_request
+    def redirect_in_json():
+        """Routing answers a path without its trailing slash with a redirect, which no handler sees."""
+        if isinstance(request.routing_exception, RequestRedirect) and in_v1():
+            return http_error(request.routing_exception)
+        return None
 
     @app.errorhandler(Exception)
     def unexpected_error(error):
