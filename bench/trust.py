@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/trust.py                                   # this checkout, SQLite
     .venv/bin/python bench/trust.py --store postgresql                # a throwaway database on 127.0.0.1:5432
-    .venv/bin/python bench/trust.py --checkout /tmp/gateway-before    # another source tree, same figures
+    .venv/bin/python bench/trust.py --checkout ../older-checkout     # another source tree, same figures
     .venv/bin/python bench/trust.py --only text-query,download        # some scenarios only
 
 The server is started as users start it, `gateway serve --bind 127.0.0.1:PORT` (whatever worker class and

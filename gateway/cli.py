@@ -86,7 +86,7 @@ def series_arguments(function):
 @click.command("init-db")
 @with_appcontext
 def init_db_command():
-    """Create the tables of schema.sql (no change when they exist)."""
+    """Create the tables of schema.sql, or those that a store made by an earlier version lacks."""
     created = init_db()
     click.echo(f"created tables: {', '.join(created)}" if created else "database already initialised")
 

@@ -34,8 +34,8 @@ def load_config(app, test_config):
         except ValueError:
             what = "a whole number" if kind is int else "a number"
             raise ValueError(f"GATEWAY_{name} must be {what}, not {config[name]!r}") from None
-        if config[name] < 0:
-            raise ValueError(f"GATEWAY_{name} must not be negative")
+        if not 0 <= config[name] < float("inf"):  # nan fails this too
+            raise ValueError(f"GATEWAY_{name} must be a finite number, not negative")
     config["MAX_CONTENT_LENGTH"] = int(config["MAX_UPLOAD_MB"] * 1024 * 1024)
     config["SQLALCHEMY_DATABASE_URI"] = config["DATABASE_URL"]
     config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", engine_options(config["DATABASE_URL"]))

@@ -73,14 +73,20 @@ def in_values(expression, values):
     return expression.in_(json_values.scalar_subquery())
 
 
+# Connections a worker may open: each of its threads (8) may hold two while a search starts (the
+# request's session and the search's stream), and the search record's writer one.
+_POOL = {"pool_size": 5, "max_overflow": 20}
+
+
 def engine_options(database_url):
     if database_url.startswith("postgresql"):
         # No pool_pre_ping (a round trip per request): a connection the server dropped fails one
         # request and is then replaced; recycling bounds how long idle ones live.
         # No JIT: it compiles any plan whose estimated cost is high, for tens of milliseconds, and a
         # search's estimate runs high (PostgreSQL guesses a long CUI list matches many rows).
-        return {"isolation_level": "AUTOCOMMIT", "pool_recycle": 1800, "connect_args": {"options": "-c jit=off"}}
-    return {}
+        return {"isolation_level": "AUTOCOMMIT", "pool_recycle": 1800, "connect_args": {"options": "-c jit=off"},
+                **_POOL}
+    return dict(_POOL)
 
 
 def configure_engine(engine):

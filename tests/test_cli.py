@@ -257,7 +257,9 @@ def test_annotations_import_refuses_bad_input_with_a_reason(app, cli, tmp_path, 
     ("MAX_UPLOAD_MB", "lots", "must be a number, not 'lots'"),
     ("CREDENTIAL_CACHE_SECONDS", "lots", "must be a number, not 'lots'"),
     ("AUTH_FAILURE_LIMIT", "2.5", "must be a whole number, not '2.5'"),
-    ("AUTH_FAILURE_WINDOW_SECONDS", "-1", "must not be negative"),
+    ("AUTH_FAILURE_WINDOW_SECONDS", "-1", "must be a finite number, not negative"),
+    ("SEARCH_SECONDS", "inf", "must be a finite number, not negative"),
+    ("SEARCH_SECONDS", "nan", "must be a finite number, not negative"),
     ("TRUSTED_PROXIES", "one", "must be a whole number, not 'one'"),
 ])
 def test_a_setting_that_is_not_a_number_stops_the_app_with_its_name(tmp_path, setting, value, reason):

@@ -58,10 +58,22 @@ def test_v1_guessing_one_account_from_many_addresses_blocks_that_account_only(li
     assert failure_rows(limited)[("account", "alice")] == LIMIT
 
 
-def test_unknown_usernames_are_counted_by_address_only(limited):
-    for attempt in range(3):
-        assert v1_get(limited, "203.0.113.9", username=f"nobody{attempt}").status_code == 401
-    assert failure_rows(limited) == {("address", "203.0.113.9"): 3}
+def test_unknown_usernames_are_counted_like_known_ones(limited):
+    """Else an account's 429, or its missing one, would tell which usernames exist."""
+    for attempt in range(LIMIT):
+        assert v1_get(limited, f"203.0.113.{attempt}", username="nobody").status_code == 401
+    assert v1_get(limited, "203.0.113.200", username="nobody").status_code == 429
+    assert failure_rows(limited)[("account", "nobody")] == LIMIT
+
+
+def test_an_ipv6_client_is_counted_by_its_64_and_an_unknown_address_still_counts(limited):
+    for host in range(LIMIT):
+        assert v1_get(limited, f"2001:db8:1:2::{host + 1:x}", username=f"user{host}").status_code == 401
+    assert v1_get(limited, "2001:db8:1:2:ffff::1", username="someone").status_code == 429
+    assert v1_get(limited, "2001:db8:1:3::1", username="someone").status_code == 401  # another /64
+    assert v1_get(limited, "", username="anyone").status_code == 401  # a unix socket: no address, no 500
+    assert failure_rows(limited)[("address", "2001:db8:1:2::/64")] == LIMIT
+    assert failure_rows(limited)[("address", "unknown")] == 1
 
 
 def test_a_window_that_ended_starts_again_and_its_row_goes(limited):
@@ -122,13 +134,14 @@ def test_the_client_address_comes_from_x_forwarded_for_only_when_a_proxy_is_trus
             f"/api/v1/{PATIENT_CALL}", query_string=PATIENT, headers={**credentials("nobody", "x"),
                                                                       "X-Forwarded-For": f"192.0.2.{attempt}"})
         assert spoofed.status_code == 401
-    assert failure_rows(seeded) == {("address", "127.0.0.1"): LIMIT}
+    assert failure_rows(seeded) == {("address", "127.0.0.1"): LIMIT, ("account", "nobody"): LIMIT}
     trusting = create_app({**seeded.config, "TRUSTED_PROXIES": 1})
     try:
         answer = trusting.test_client().get(f"/api/v1/{PATIENT_CALL}", query_string=PATIENT,
-                                            headers={**credentials("nobody", "x"), "X-Forwarded-For": "192.0.2.77"})
+                                            headers={**credentials("stranger", "x"), "X-Forwarded-For": "192.0.2.77"})
         assert answer.status_code == 401
         assert failure_rows(trusting)[("address", "192.0.2.77")] == 1
+        assert failure_rows(trusting)[("account", "stranger")] == 1
     finally:
         with trusting.app_context():
             db.engine.dispose()

@@ -354,3 +354,12 @@ def test_names_are_decoded_with_the_files_character_set(api, charset):
     assert api.get("patient/get/", **ALPHA, PatientID=PATIENT).json["PatientName"] == "Müller^Jürgen"
     study = api.get("study/get/", **ALPHA, PatientID=PATIENT, StudyInstanceUID=STUDY).json
     assert study["InstitutionName"] == "Hôpital Général"
+
+
+def test_a_multipart_body_that_quotes_braces_in_its_error_is_a_400(api):
+    """The parser's message quotes the client's bytes; they never pass through str.format."""
+    body = b'--b\r\nContent-Disposition: form-data; name="{x}\xff"\r\n\r\nvalue\r\n--b--\r\n'
+    response = api.client.post("/api/v1/instance/upload/", data=body, content_type="multipart/form-data; boundary=b",
+                               headers=api.headers)
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert response.get_json()["error_type"] == "invalid_post_value"

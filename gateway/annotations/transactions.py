@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 ADDRESS_LENGTH = search_transactions.c.client_address.type.length
 BATCH_ROWS = 500
-WRITE_ATTEMPTS = 5
-EXIT_WAIT_SECONDS = 30
+WRITE_ATTEMPTS = 4
+EXIT_WAIT_SECONDS = 20  # less than gunicorn's graceful_timeout (30 s), after which it kills a worker
 
 
 class SearchLog:
@@ -84,7 +84,7 @@ class SearchLog:
                 if attempt == WRITE_ATTEMPTS:
                     log.exception("search records %s could not be written", ", ".join(row["id"] for row in batch))
                     return
-                time.sleep(2**attempt)
+                time.sleep(2 ** (attempt - 1))
 
 
 def recent(limit=20):

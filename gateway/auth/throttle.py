@@ -2,11 +2,15 @@
 
 A key (a client address, an account) that fails AUTH_FAILURE_LIMIT times within
 AUTH_FAILURE_WINDOW_SECONDS of its first failure is refused with 429 and Retry-After until that window
-ends; nothing waits in a worker. The failures before the limit are plain 401s, so a mistyped password
-never locks anybody out, and a key that has no failures is never slowed down: guessing one account
-does not refuse another user's right credentials.
+ends; no worker sleeps on it. The failures before the limit are plain 401s, so a mistyped password
+never locks anybody out, and a key that has no failures is never refused: guessing one account does
+not refuse another user's right credentials from another address. (Clients behind one address share
+its count: behind a proxy, GATEWAY_TRUSTED_PROXIES gives each client its own.) An IPv6 client is
+counted by its /64, which one host may hold whole. The count is checked before a password is
+verified and written after, so guesses in flight at once may pass the limit by as many.
 """
 import datetime
+import ipaddress
 import math
 
 from flask import current_app
@@ -17,6 +21,7 @@ from ..errors import NotAuthenticated
 from ..models import auth_failures
 
 KEY_LENGTH = auth_failures.c.key.type.length
+ADDRESS_SCOPES = ("address", "passphrase")
 
 
 class TooManyFailures(NotAuthenticated):
@@ -35,15 +40,30 @@ def _window():
 
 
 def _stored_keys(keys):
-    return [(scope, key[:KEY_LENGTH]) for scope, key in keys if key]
+    """(scope, key) as stored: an IPv6 address by its /64 (one host has all of them), an empty one (a
+    unix socket without a trusted proxy) as "unknown", and no key longer than the column."""
+    return [(scope, _client_key(key) if scope in ADDRESS_SCOPES else (key or "unknown")[:KEY_LENGTH])
+            for scope, key in keys]
+
+
+def _client_key(address):
+    try:
+        parsed = ipaddress.ip_address(address or "")
+    except ValueError:
+        return (address or "unknown")[:KEY_LENGTH]
+    if parsed.version == 6:
+        if parsed.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
 
 
 def blocked_since():
-    """A column expression: when the window of the first key of blocked_since_parameters(keys) that
-    reached the limit started, else NULL. A scalar subquery, so a caller can fold it into a query it
+    """A column expression: when the latest window of the keys of blocked_since_parameters(keys) that
+    reached the limit started (the last to end), else NULL. A scalar subquery, so a caller can fold it into a query it
     makes anyway."""
     return (
-        select(func.min(auth_failures.c.window_started_at))
+        select(func.max(auth_failures.c.window_started_at))
         .where(
             tuple_(auth_failures.c.scope, auth_failures.c.key).in_(bindparam("throttle_keys", expanding=True)),
             auth_failures.c.failures >= bindparam("throttle_limit"),
@@ -55,7 +75,7 @@ def blocked_since():
 
 def blocked_since_parameters(keys):
     return {
-        "throttle_keys": _stored_keys(keys) or [("", "")],
+        "throttle_keys": _stored_keys(keys),
         "throttle_limit": current_app.config["AUTH_FAILURE_LIMIT"],
         "throttle_window_start": utcnow() - _window(),
     }

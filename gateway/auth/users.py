@@ -104,8 +104,8 @@ def authenticate(username, password, permission, project=None, archive=None):
     )
     throttle.refuse_if_blocked(row.blocked_since)
     if not current_app.extensions["gateway.credentials"].verify(row.id, row.password_hash, password):
-        # an unknown username is counted by address only: strangers' guesses add no account rows
-        throttle.record_failure(throttle_keys if row.id is not None else throttle_keys[:1])
+        # an unknown username is counted as an account too: else its missing 429 would tell it is unknown
+        throttle.record_failure(throttle_keys)
         raise NotAuthenticated(None, "wrong username or password")
     if not row.allowed:
         raise NotAllowed(None, f"this call needs the permission {permission}")

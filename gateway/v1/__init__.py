@@ -234,15 +234,14 @@ def register_error_handlers(app):
     def http_error(error):
         if not in_v1():
             return error
-        error_type, suberror_type, message = _HTTP_ERRORS.get(
-            error.code, ("http_error", None, error.description or error.name)
-        )
-        if error.code == 413:
-            message += f" ({app.config['MAX_UPLOAD_MB']:g} MB)"
-        elif error.code == 400 and error.description != BadRequest.description:
-            message = error.description
         location = getattr(error, "new_url", None)  # a RequestRedirect's
-        message = message.format(method=request.method, location=location)
+        error_type, suberror_type, template = _HTTP_ERRORS.get(error.code, ("http_error", None, None))
+        # only our own templates are formatted: a description can quote the client's bytes, braces too
+        message = template.format(method=request.method, location=location) if template else None
+        if message is None or (error.code == 400 and error.description != BadRequest.description):
+            message = error.description or error.name
+        elif error.code == 413:
+            message += f" ({app.config['MAX_UPLOAD_MB']:g} MB)"
         response = _error_body(error.code, error_type or _value_error_type(), suberror_type, message)
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
             response.headers["Allow"] = ", ".join(sorted(error.valid_methods))
