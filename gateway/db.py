@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import ARRAY, any_, bindparam, column, event, func, inspect, select
+from sqlalchemy import ARRAY, Text, any_, bindparam, event, func, inspect, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -62,6 +62,16 @@ def bulk_insert(session, table, columns, rows):
         driver_connection.executemany(f"INSERT INTO {table.name} ({names}) VALUES ({placeholders})", rows)
 
 
+def values_table(values):
+    """A table of one column, `value`, holding the strings `values`, passed as ONE bind parameter: a
+    PostgreSQL array unnested, a SQLite JSON array read by json_each."""
+    values = list(values)
+    if db.engine.dialect.name == "postgresql":
+        # AS anon(value): PostgreSQL would name the column after the alias
+        return func.unnest(bindparam(None, values, type_=ARRAY(Text))).table_valued("value").render_derived()
+    return func.json_each(bindparam(None, json.dumps(values))).table_valued("value")
+
+
 def in_values(expression, values):
     """`expression IN values` with the whole list as ONE bind parameter (a PostgreSQL array, a SQLite
     JSON array), so that thousands of values neither hit SQLite's parameter limit nor make a new
@@ -69,8 +79,7 @@ def in_values(expression, values):
     values = list(values)
     if db.engine.dialect.name == "postgresql":
         return expression == any_(bindparam(None, values, type_=ARRAY(expression.type)))
-    json_values = select(column("value")).select_from(func.json_each(bindparam(None, json.dumps(values))))
-    return expression.in_(json_values.scalar_subquery())
+    return expression.in_(select(values_table(values).c.value).scalar_subquery())
 
 
 # Connections a worker may open: each of its threads (8) may hold two while a search starts (the

@@ -11,7 +11,6 @@ items are ORed in a balanced tree. A query's cost is bounded before it runs (the
 it runs (GATEWAY_SEARCH_SECONDS).
 """
 import dataclasses
-import json
 import re
 import time
 from collections import defaultdict
@@ -36,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import OperationalError
 
-from ..db import db, in_values
+from ..db import db, in_values, values_table
 from ..errors import InvalidValue, SearchTooSlow
 from ..models import annotation_prefs, annotations, concept_relations, concept_snomed, concept_types, concepts, documents
 from ..validation import StrictBoolean, error_lines, storable_text
@@ -252,7 +251,7 @@ class _Matcher:
         if self.texts:
             # annotation_prefs (each lower-cased preferred name of the annotations, with its CUIs) gives the
             # CUIs of the names, for the CUI index; the name itself is checked on each annotation.
-            lowered = select(func.lower(_values_table(self.texts).c.value))
+            lowered = select(func.lower(values_table(self.texts).c.value))
             named_cuis = select(annotation_prefs.c.cui).where(annotation_prefs.c.pref_key.in_(lowered))
             parts.append(
                 select(annotations.c.document_id).where(
@@ -430,16 +429,6 @@ def _expand(matchers):
 # --- compiling a query ------------------------------------------------------------------------------
 
 
-def _values_table(values):
-    """A table of one column, `value`, holding the strings `values`, passed as ONE bind parameter (as
-    db.in_values passes a list): a PostgreSQL array unnested, a SQLite JSON array read by json_each."""
-    values = list(values)
-    if db.engine.dialect.name == "postgresql":
-        # AS anon(value): PostgreSQL would name the column after the alias
-        return func.unnest(bindparam(None, values, type_=ARRAY(Text))).table_valued("value").render_derived()
-    return func.json_each(bindparam(None, json.dumps(values))).table_valued("value")
-
-
 def _like_escaped(text):
     """text as a LIKE pattern that matches only itself, with _LIKE_ESCAPE as its ESCAPE character."""
     return text.replace(_LIKE_ESCAPE, 2 * _LIKE_ESCAPE).replace("%", _LIKE_ESCAPE + "%").replace("_", _LIKE_ESCAPE + "_")
@@ -467,7 +456,7 @@ def _has_a_modality(modalities):
     if db.engine.dialect.name == "postgresql":
         return delimited.like(any_(bindparam(None, patterns, type_=ARRAY(Text))))
     # MATERIALIZED: read once, not again for each document
-    listed = select(_values_table(patterns).c.value.label("pattern")).cte("modality_patterns").prefix_with("MATERIALIZED")
+    listed = select(values_table(patterns).c.value.label("pattern")).cte("modality_patterns").prefix_with("MATERIALIZED")
     return select(listed.c.pattern).where(delimited.like(listed.c.pattern, escape=_LIKE_ESCAPE)).exists()
 
 
