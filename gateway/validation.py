@@ -5,6 +5,8 @@ from pathlib import Path
 
 from marshmallow import fields
 
+from .errors import InvalidValue
+
 
 def parse_json(data, source):
     """The JSON value of `data` (text or UTF-8 bytes); ValueError naming `source` when it is not JSON (or
@@ -40,6 +42,16 @@ def storable_text(value, what, limit=None):
     except UnicodeEncodeError:
         raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
     return value
+
+
+def check_parameters(parameters):
+    """InvalidValue ("invalid_parameter") for the first of the (name, value) request parameters that a
+    store could not keep (a NUL, a lone surrogate), before any of them reaches a query."""
+    for name, value in parameters:
+        try:
+            storable_text(value, f"the parameter {name}")
+        except ValueError as error:
+            raise InvalidValue("invalid_parameter", str(error)) from None
 
 
 class StrictNumber(fields.Float):

@@ -17,7 +17,7 @@ from werkzeug.routing import RequestRedirect
 
 from ..db import utcnow
 from ..errors import GatewayError, InvalidValue, NotAuthenticated, ObjectNotFound
-from ..validation import parse_json, storable_text
+from ..validation import check_parameters, parse_json
 from ..v1 import bp as archive_bp
 from . import mappings, store
 from .query import parse_query, search_annotations, search_documents
@@ -154,23 +154,14 @@ def _read_request():
     # from those that just fit, instead of being cut off silently.
     request.max_content_length = MAX_REQUEST_BYTES + 1
     request.max_form_memory_size = MAX_REQUEST_BYTES
-    _check_parameters()
+    # path parts too (a document id, a mapping name); the JSON query's own strings are parse_query's
+    check_parameters([*(request.view_args or {}).items(), *request.values.items(multi=True)])
     passphrase, g.query = _passphrase_and_query()
     if current_app.view_functions[request.endpoint] in (need_passphrase, check_phrase):
         return None
     if not _passphrase().accepts(request.remote_addr, passphrase):
         raise NotAuthenticated(None, "the passphrase is wrong" if passphrase else _PASSPHRASE_NEEDED)
     return None
-
-
-def _check_parameters():
-    """Path parts and parameters that no store could keep (a NUL, a lone surrogate) are a 400 here, before
-    any of them reaches a query (the JSON query's own strings are parse_query's to check)."""
-    for name, value in [*(request.view_args or {}).items(), *request.values.items(multi=True)]:
-        try:
-            storable_text(value, f"the parameter {name}")
-        except ValueError as error:
-            raise InvalidValue("invalid_parameter", str(error)) from None
 
 
 def _passphrase_and_query():

@@ -11,7 +11,7 @@ from .. import forms, results
 from ..auth.users import authenticate
 from ..errors import GatewayError, InvalidValue, NotAllowed, NotAuthenticated
 from ..projects import archive_ref
-from ..validation import storable_text
+from ..validation import check_parameters, storable_text
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,7 @@ def _authorised_call(permission, *parameters, check_body=None):
     for name, value in zip(("Project", "Archive", *parameters), values):
         if not value:
             raise InvalidValue("missing_parameter", f"the parameter {name} is required")
-    for name, value in request.values.items(multi=True):
-        try:
-            storable_text(value, f"the parameter {name}")
-        except ValueError as error:
-            raise InvalidValue("invalid_parameter", str(error)) from None
+    check_parameters(request.values.items(multi=True))
     if check_body is not None:
         check_body()
     return access.id, archive_ref(access, values[0], values[1]), values[2:]
