@@ -23,7 +23,8 @@ def create_app(test_config=None):
     with app.app_context():
         configure_engine(db.engine)
     app.extensions["gateway.storage"] = FileStorage(app.config["STORAGE_DIR"])
-    app.extensions["gateway.credentials"] = CredentialCache(app.config["CREDENTIAL_CACHE_SECONDS"])
+    app.extensions["gateway.credentials"] = CredentialCache(app.config["CREDENTIAL_CACHE_SECONDS"],
+                                                            app.config["PASSWORD_SCRYPT_COST"])
     app.extensions["gateway.passphrase"] = Passphrase(app.config["PASSPHRASE"])
     app.extensions["gateway.search_log"] = SearchLog(app)
 
@@ -35,11 +36,12 @@ def create_app(test_config=None):
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
 
     from . import v1
-    from .annotations import api as annotation_api
+    from .annotations import api as annotation_api, vis
 
     app.register_blueprint(v1.bp)
     v1.register_error_handlers(app)
     app.register_blueprint(annotation_api.bp)
+    app.register_blueprint(vis.bp)
 
     from .cli import register_commands
 

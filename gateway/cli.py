@@ -1,4 +1,4 @@
-"""The admin command line, `gateway …` (a Flask CLI group)."""
+"""The admin command line, `gateway …`: a click group whose commands run in the app's context."""
 import functools
 import json
 import os
@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from flask.cli import FlaskGroup, with_appcontext
+from sqlalchemy.exc import SQLAlchemyError
+from flask.cli import ScriptInfo, with_appcontext
 
 from . import create_app, results
 from .annotations.dictionary import DEFAULT_SOURCES, load_sample, load_semehr_csv, load_umls
@@ -16,10 +17,11 @@ from .annotations.mappings import load_mappings
 from .annotations.transactions import recent as recent_transactions
 from .archive import storage, sweep_storage
 from .auth.users import create_user, grant, set_password
-from .db import db, init_db, missing_tables, schema_exists
+from .db import db, init_db
 from .demo import seed_demo
 from .errors import GatewayError
 from .forms import create_form
+from .migrations import SCHEMA_DIALECTS, SchemaError, schema_sql, schema_state, upgrade
 from .models import PROJECT_KINDS, SERIES_STATUSES
 from .projects import add_member, archive_by_name, create_archive, create_project
 from .server import SETTINGS, serve
@@ -31,27 +33,29 @@ def _fail_on_value_error(function):
     def wrapper(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except (ValueError, GatewayError) as error:
+        except (ValueError, GatewayError, SchemaError) as error:
             raise click.ClickException(str(error)) from None
 
     return wrapper
 
 
-def _needs_schema(function):
+def _needs_current_schema(function):
+    """Refuses a store whose schema is not this version's (none yet, older, or newer), saying what to run."""
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        if not schema_exists():
-            raise click.ClickException("the database has no schema yet: run 'gateway init-db' first")
+        problem = schema_state().problem()
+        if problem:
+            raise click.ClickException(problem)
         return function(*args, **kwargs)
 
     return wrapper
 
 
 def admin_command(group, name=None, **options):
-    """A command of `group` that runs in the app context, needs the schema and reports ValueErrors."""
+    """A command of `group` that runs in the app context, needs the current schema and reports ValueErrors."""
 
     def decorate(function):
-        return group.command(name, **options)(with_appcontext(_needs_schema(_fail_on_value_error(function))))
+        return group.command(name, **options)(with_appcontext(_needs_current_schema(_fail_on_value_error(function))))
 
     return decorate
 
@@ -74,6 +78,7 @@ transactions_group = click.Group("transactions", help="The record of annotation 
 mappings_group = click.Group("mappings", help="Named mappings of terms to CUIs, for the annotation API.")
 annotations_group = click.Group("annotations", help="The annotation store: NLP results of report documents.")
 storage_group = click.Group("storage", help="The folder of DICOM and result files.")
+db_group = click.Group("db", help="The database schema: its revision, upgrades, and its DDL.")
 SERIES_ARGUMENTS = ("project", "archive", "patient_id", "study_uid", "series_uid")
 
 
@@ -83,12 +88,66 @@ def series_arguments(function):
     return function
 
 
+def _upgrade(at_head_already):
+    """Upgrade the store to head and say what that did, or `at_head_already`."""
+    try:
+        report = upgrade()
+    except SQLAlchemyError as error:
+        reason = str(error).splitlines()[0]
+        raise click.ClickException(f"the upgrade failed and changed nothing: {reason}") from None
+    if not report.applied:
+        click.echo(at_head_already)
+        return
+    if report.created_tables:
+        click.echo(f"created tables: {', '.join(report.created_tables)}")
+    applied = ", ".join(f"{revision} ({message})" for revision, message in report.applied)
+    click.echo(f"upgraded {report.before.describe()} to {report.applied[-1][0]}: applied {applied}")
+
+
 @click.command("init-db")
 @with_appcontext
+@_fail_on_value_error
 def init_db_command():
-    """Create the tables of schema.sql, or those that a store made by an earlier version lacks."""
-    created = init_db()
-    click.echo(f"created tables: {', '.join(created)}" if created else "database already initialised")
+    """Create the schema in a new database (as 'db upgrade' does).
+
+    The same as 'gateway db upgrade': on a database that has a schema already, it upgrades that.
+    """
+    _upgrade("database already initialised")
+
+
+@db_group.command("upgrade")
+@with_appcontext
+@_fail_on_value_error
+def db_upgrade():
+    """Upgrade the schema to this version's (head).
+
+    From an empty database it creates the schema; a database made before the gateway had migrations is
+    adopted (the tables it lacks are created). All of it in one transaction: a failed upgrade changes nothing.
+    """
+    _upgrade(f"the database is at head already ({schema_state().head})")
+
+
+@db_group.command("current")
+@with_appcontext
+def db_current():
+    """Show the schema's revision; exits 1 unless it is head.
+
+    Not at head (no schema, older, or newer than this version), it says so and what to run.
+    """
+    state = schema_state()
+    if not state.at_head:
+        raise click.ClickException(state.problem())
+    click.echo(f"{state.revision} (head)")
+
+
+@db_group.command("schema")
+@click.option("--dialect", type=click.Choice(sorted(SCHEMA_DIALECTS)), default="postgresql", show_default=True)
+def db_schema(dialect):
+    """Print the DDL that the models make (schema.sql).
+
+    Generated from gateway/models.py; schema.sql in the repository is its PostgreSQL output.
+    """
+    click.echo(schema_sql(dialect), nl=False)
 
 
 @admin_command(user_group, "create")
@@ -311,40 +370,53 @@ def demo_command():
 @click.option("--timeout", default=SETTINGS["timeout"], show_default=True, type=click.IntRange(1),
               help="Seconds a worker may stop answering gunicorn before it is restarted (not a request's limit).")
 @with_appcontext
-@_needs_schema
+@_needs_current_schema
 def serve_command(bind, workers, threads, timeout):
     """Serve the gateway with gunicorn (threaded workers)."""
-    missing = missing_tables()
-    if missing:
-        raise click.ClickException(f"the database lacks the tables {', '.join(missing)}: run 'gateway init-db'")
     db.engine.dispose()  # the workers make their own connections (and apps) after the fork
     serve(create_app, bind, workers, threads, timeout)
 
 
+COMMANDS = (
+    init_db_command,
+    db_group,
+    user_group,
+    project_group,
+    archive_group,
+    results_group,
+    series_group,
+    form_group,
+    concepts_group,
+    transactions_group,
+    mappings_group,
+    annotations_group,
+    storage_group,
+    demo_command,
+    serve_command,
+)
+
+
 def register_commands(app):
-    for command in (
-        init_db_command,
-        user_group,
-        project_group,
-        archive_group,
-        results_group,
-        series_group,
-        form_group,
-        concepts_group,
-        transactions_group,
-        mappings_group,
-        annotations_group,
-        storage_group,
-        demo_command,
-        serve_command,
-    ):
+    """The commands on app.cli too: Flask's test CLI runner invokes them there."""
+    for command in COMMANDS:
         app.cli.add_command(command)
 
 
-main = FlaskGroup(
-    name="gateway",
-    help="Administer and serve the imaging research gateway.",
-    create_app=lambda: create_app(),
-    add_default_commands=False,
-    load_dotenv=False,
-)
+def _create_app():
+    try:
+        return create_app()
+    except ValueError as error:  # a bad GATEWAY_* setting
+        raise click.ClickException(str(error)) from None
+
+
+# A plain click group, not Flask's: its own options and commands (--app, run, shell, routes) do nothing here.
+@click.group("gateway", help="Administer and serve the imaging research gateway.")
+@click.pass_context
+def main(context):
+    # with_appcontext makes the commands' app from this ScriptInfo; a caller (a test) may pass its own
+    if context.obj is None:
+        context.obj = ScriptInfo(create_app=_create_app, set_debug_flag=False)
+
+
+for _command in COMMANDS:
+    main.add_command(_command)

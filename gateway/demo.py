@@ -1,4 +1,4 @@
-"""`gateway demo`: the demo user, projects, archives and DICOM instances that the README's examples use,
+"""`gateway demo`: the demo user, projects, archives and DICOM instances that the docs' examples use,
 and the annotation side: the sample concept dictionary, a mapping and annotated reports of demo instances.
 
 Seeding is idempotent: what exists is left as it is, and the generated files are deterministic, so
@@ -96,8 +96,14 @@ def store_bytes(archive, data, filename):
         return archive_store.store_instance(archive, handle, size, filename)
 
 
-def _sop_class(modality):
-    return SECONDARY_CAPTURE_STORAGE if modality == "OP" else CT_IMAGE_STORAGE
+# The SOP Class of each demo modality's images. The fundus photographs are Secondary Capture: their pixels
+# are the generator's 16-bit greyscale, which the ophthalmic photography classes do not allow.
+SOP_CLASSES = {
+    "CR": "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "CT": CT_IMAGE_STORAGE,
+    "OP": SECONDARY_CAPTURE_STORAGE,
+}
 
 
 def demo_instances(project_index, patient_number, patient):
@@ -114,7 +120,7 @@ def demo_instances(project_index, patient_number, patient):
                     series_uid,
                     sop_uid,
                     modality=modality,
-                    sop_class_uid=_sop_class(modality),
+                    sop_class_uid=SOP_CLASSES[modality],
                     patient_name=name,
                     patient_sex=sex,
                     patient_birth_date=birth_date,
@@ -282,7 +288,7 @@ def demo_documents():
                     series_instance_uid=demo_uid(project_index, patient_number, study_number, series_number),
                     study_instance_uid=demo_uid(project_index, patient_number, study_number),
                     patient_id=patient_id,
-                    sop_class_uid=_sop_class(modality),
+                    sop_class_uid=SOP_CLASSES[modality],
                     content_date=dicom_date(study_date),
                     modalities_in_study=modalities,
                 )

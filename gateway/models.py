@@ -1,4 +1,8 @@
-"""SQLAlchemy models of the tables in schema.sql (the canonical DDL; tests/test_schema.py keeps both in step)."""
+"""The schema, in one place: SQLAlchemy models of every table, index and store-specific DDL.
+
+Migrations (gateway/migrations/) take a store from one version of these to the next, and schema.sql is
+generated from them (`gateway db schema`); tests/test_schema.py checks both against the models.
+"""
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -7,6 +11,7 @@ from sqlalchemy import (
     Date,
     DOUBLE_PRECISION,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     String,
@@ -18,14 +23,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import DDL
 
-from .db import db, schema_statements
+from .db import db
 
-# SQLite only auto-numbers an INTEGER PRIMARY KEY (its rowid alias); PostgreSQL gets BIGINT.
+# SQLite only auto-numbers an INTEGER PRIMARY KEY (its rowid alias, which ignores Identity);
+# PostgreSQL gets a BIGINT identity column.
 Key = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def _id_column():
-    return Column("id", Key, primary_key=True, autoincrement=True)
+    return Column("id", Key, Identity(), primary_key=True)
 
 
 def _fk(name, target):
@@ -189,6 +195,8 @@ form_submissions = Table(
     Index("ix_form_submissions_series", "series_pk"),
 )
 
+# The annotation store. A document is linked to the archive instances that have its SOPInstanceUID
+# by that UID (indexed on both sides), so the link holds whichever of the two arrives first.
 
 concepts = Table(
     "concepts",
@@ -206,6 +214,8 @@ concept_types = Table(
     Column("semantic_group", String(8), nullable=False),
 )
 
+# Narrower concepts: child_cui is narrower than parent_cui. No foreign keys, as a source may relate
+# concepts that the loaded subset leaves out.
 concept_relations = Table(
     "concept_relations",
     db.metadata,
@@ -251,11 +261,44 @@ documents = Table(
     Column("sentences", Text),
     Column("imported_at", TIMESTAMP, nullable=False),
     Index("ix_documents_content_date", "content_date"),
+    # What a search reads of each document it matched (the default result and the date and modality
+    # filters), found by id without reading the document's row and its report text.
     Index("ix_documents_search", "id", "sop_instance_uid", "content_date", "modalities_in_study"),
     Index("ix_documents_series", "series_instance_uid"),
     Index("ix_documents_study", "study_instance_uid"),
 )
 
+# The full-text index of the report texts; each store has its own kind, made by DDL of its own: an FTS5
+# table that triggers keep in step on SQLite, a GIN index on PostgreSQL.
+SQLITE_FTS_TABLE = "documents_fts"
+POSTGRESQL_FTS_INDEX = "ix_documents_fts"
+FULL_TEXT_DDL = {
+    "sqlite": (
+        """CREATE VIRTUAL TABLE documents_fts USING fts5(
+    report_text, content='documents', content_rowid='id', tokenize='porter unicode61'
+)""",
+        """CREATE TRIGGER documents_fts_insert AFTER INSERT ON documents BEGIN
+    INSERT INTO documents_fts (rowid, report_text) VALUES (new.id, new.report_text);
+END""",
+        """CREATE TRIGGER documents_fts_delete AFTER DELETE ON documents BEGIN
+    INSERT INTO documents_fts (documents_fts, rowid, report_text) VALUES ('delete', old.id, old.report_text);
+END""",
+        """CREATE TRIGGER documents_fts_update AFTER UPDATE OF report_text ON documents BEGIN
+    INSERT INTO documents_fts (documents_fts, rowid, report_text) VALUES ('delete', old.id, old.report_text);
+    INSERT INTO documents_fts (rowid, report_text) VALUES (new.id, new.report_text);
+END""",
+    ),
+    "postgresql": (
+        "CREATE INDEX ix_documents_fts ON documents USING GIN (to_tsvector('english', coalesce(report_text, '')))",
+    ),
+}
+for _dialect, _statements in FULL_TEXT_DDL.items():
+    for _statement in _statements:
+        event.listen(documents, "after_create", DDL(_statement).execute_if(dialect=_dialect))
+
+# One row per annotation of a document, in the order of the NLP file. The concept index holds every
+# column a cohort query tests, so "documents with one of these CUIs and these qualifiers" is answered
+# from the index alone.
 annotations = Table(
     "annotations",
     db.metadata,
@@ -274,13 +317,30 @@ annotations = Table(
     Index("ix_annotations_concept", "cui", "ruled_out", "negation", "experiencer", "temporality", "document_id"),
 )
 
+# Which CUIs were annotated under which preferred name (lower-cased; '' for an annotation without one):
+# free text finds its CUIs here, then the concept index, instead of a second index over every annotation.
+# A CUI whose every name matched is looked up by the concept index alone; the others' annotations have
+# their name checked. Rows may outlive their annotations: a stale row only costs a check.
 annotation_prefs = Table(
     "annotation_prefs",
     db.metadata,
     Column("pref_key", Text, primary_key=True),
     Column("cui", String(16), primary_key=True),
+    Index("ix_annotation_prefs_cui", "cui", "pref_key"),
 )
 
+# The words of each preferred name in annotation_prefs (gateway.annotations.words: English stems, at
+# their positions in the name), which free text is looked up by: stem first, so a word's names are one
+# range of the key.
+annotation_pref_words = Table(
+    "annotation_pref_words",
+    db.metadata,
+    Column("stem", Text, primary_key=True),
+    Column("pref_key", Text, primary_key=True),
+    Column("position", Integer, primary_key=True),
+)
+
+# Every search of the annotation API, for audit.
 search_transactions = Table(
     "search_transactions",
     db.metadata,
@@ -293,6 +353,9 @@ search_transactions = Table(
     Index("ix_search_transactions_created", "created_at"),
 )
 
+# Failed sign-ins (v1 credentials by client address and by account, the annotation passphrase by client
+# address), counted where every worker sees them: a key with too many failures in its window is answered
+# 429 until the window ends.
 auth_failures = Table(
     "auth_failures",
     db.metadata,
@@ -302,8 +365,3 @@ auth_failures = Table(
     Column("window_started_at", TIMESTAMP, nullable=False),
     Index("ix_auth_failures_window", "window_started_at"),
 )
-
-# The full-text index differs per store (FTS5 table and triggers, or a GIN index): schema.sql holds it.
-for _dialect in ("sqlite", "postgresql"):
-    for _statement in schema_statements(_dialect, only_this_dialect=True):
-        event.listen(documents, "after_create", DDL(_statement.replace("%", "%%")).execute_if(dialect=_dialect))

@@ -1,9 +1,16 @@
 """Fixtures: every app-level test runs once on SQLite and once on PostgreSQL.
 
+A test marked store_independent (answered before any statement reaches the store: a refused request,
+a route that reads nothing) runs on SQLite alone.
+
 PostgreSQL comes from GATEWAY_TEST_POSTGRES_URL (default: the local server, user postgres); each test
 run creates its own database there and drops it at the end. Where PostgreSQL cannot be reached its
 half of the suite is skipped with the reason, unless GATEWAY_TEST_REQUIRE_POSTGRES=1 (as in CI),
 which makes that a failure.
+
+The schema is made once per run and store (init_db runs the migrations, which take a while): an SQLite
+test gets a copy of a template file, a PostgreSQL test the run's database emptied. Passwords are hashed
+at the least scrypt cost (tests/test_auth.py checks the real one).
 """
 import os
 import shutil
@@ -12,15 +19,18 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import requests
 import sqlalchemy
-from sqlalchemy import text
+from flask import Flask
+from sqlalchemy import event, func, select, text
 from urllib3 import encode_multipart_formdata
 
 from gateway import create_app
+from gateway.auth.credentials import SCRYPT_COST_FOR_TESTS
 from gateway.auth.users import create_user, grant
 from gateway.db import db, init_db, write_engine
 from gateway.projects import add_member, create_archive, create_project
@@ -32,6 +42,9 @@ POSTGRES_ADMIN_URL = os.environ.get(
 REQUIRE_POSTGRES = os.environ.get("GATEWAY_TEST_REQUIRE_POSTGRES") == "1"
 
 PASSWORD = "correct horse battery staple"
+
+# The settings of every test's app besides its store: cheap password hashes, a small upload limit.
+TEST_SETTINGS = {"TESTING": True, "PASSWORD_SCRYPT_COST": SCRYPT_COST_FOR_TESTS, "MAX_UPLOAD_MB": 4}
 
 
 class PostgresServer:
@@ -65,52 +78,166 @@ class PostgresServer:
 
 
 @pytest.fixture(scope="session")
-def postgres_server():
+def postgres_server(pytestconfig):
     server = PostgresServer(POSTGRES_ADMIN_URL)
     reason = server.reachable()
     if reason:
         if REQUIRE_POSTGRES:
             pytest.fail(reason + " (GATEWAY_TEST_REQUIRE_POSTGRES=1)", pytrace=False)
         pytest.skip(reason)
-    yield server
-    server.drop_all()
+    # After the session, not in the last test's teardown: DROP DATABASE waits for a checkpoint, which on
+    # a busy disk takes longer than a test may (its timeout).
+    pytestconfig.add_cleanup(server.drop_all)
+    return server
+
+
+def build_schema(url, storage_dir):
+    """Give the empty store at `url` this version's schema, as `gateway init-db` does."""
+    app = create_app({**TEST_SETTINGS, "DATABASE_URL": url, "STORAGE_DIR": str(storage_dir)})
+    with app.app_context():
+        init_db()
+    release_connections(app)
 
 
 @pytest.fixture(scope="session")
-def postgres_url(postgres_server):
-    """One database for the run; tests empty it between them."""
-    return postgres_server.create_database()
+def sqlite_template(tmp_path_factory):
+    """An SQLite file with the schema, which each test copies."""
+    folder = tmp_path_factory.mktemp("sqlite-template")
+    build_schema(f"sqlite:///{folder / 'gateway.sqlite'}", folder / "storage")
+    return folder / "gateway.sqlite"
 
 
-def _empty_tables():
-    tables = ", ".join(table.name for table in db.metadata.sorted_tables)
-    with write_engine().begin() as connection:
-        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+# What a test that changes the schema changes: the objects of the public schema and their definitions,
+# and whether it records a migration (the revision itself is read when it does).
+_SCHEMA_FINGERPRINT = """
+SELECT to_regclass('public.alembic_version') IS NOT NULL, md5(string_agg(item, ',' ORDER BY item)) FROM (
+    SELECT format('%s %s', relname, relkind) FROM pg_class WHERE relnamespace = 'public'::regnamespace
+    UNION ALL
+    SELECT format('%s.%s %s %s %s', attrelid::regclass, attname, format_type(atttypid, atttypmod), attnotnull,
+                  pg_get_expr(adbin, adrelid))
+    FROM pg_attribute JOIN pg_class ON pg_class.oid = attrelid
+    LEFT JOIN pg_attrdef ON adrelid = attrelid AND adnum = attnum
+    WHERE relnamespace = 'public'::regnamespace AND attnum > 0 AND NOT attisdropped
+    UNION ALL
+    SELECT format('%s %s', conname, pg_get_constraintdef(oid)) FROM pg_constraint
+    WHERE connamespace = 'public'::regnamespace
+    UNION ALL
+    SELECT indexdef FROM pg_indexes WHERE schemaname = 'public'
+    UNION ALL
+    SELECT pg_get_triggerdef(pg_trigger.oid) FROM pg_trigger JOIN pg_class ON pg_class.oid = tgrelid
+    WHERE relnamespace = 'public'::regnamespace AND NOT tgisinternal
+) AS objects(item)
+"""
+# A table that holds more rows is emptied by TRUNCATE, the others by DELETE: TRUNCATE makes new files
+# for a table and its indexes (ten times slower than DELETE here), while DELETE fires the foreign keys'
+# triggers row by row with plans made when the tables were small (minutes for 80,000 documents).
+_DELETE_AT_MOST = 1000
+# Identities start again, as in a new store.
+_RESTART_IDENTITIES = """
+SELECT setval(seqrelid::regclass, seqstart, false) FROM pg_sequence JOIN pg_class ON pg_class.oid = seqrelid
+WHERE relnamespace = 'public'::regnamespace
+"""
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+class PostgresTestDatabase:
+    """The run's PostgreSQL database: the schema made once, the tables emptied before each test, and the
+    schema made again where a test changed it (dropped a table, downgraded the store)."""
+
+    def __init__(self, url, storage_dir):
+        self.url, self.storage_dir = url, storage_dir
+        # Fail, naming what holds the lock, rather than wait for a connection a test left open.
+        self.engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT",
+                                               connect_args={"options": "-c lock_timeout=10s"})
+        build_schema(url, storage_dir)
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self):
+        with self.engine.connect() as connection:
+            has_revision, objects = connection.exec_driver_sql(_SCHEMA_FINGERPRINT).one()
+            if not has_revision:
+                return objects, None
+            return objects, connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+
+    def empty(self):
+        if self._fingerprint() != self.fingerprint:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+            build_schema(self.url, self.storage_dir)
+            self.fingerprint = self._fingerprint()
+        tables = [table.name for table in reversed(db.metadata.sorted_tables)]  # children first
+        large = " UNION ALL ".join(f"SELECT '{name}' WHERE EXISTS (SELECT FROM {name} OFFSET {_DELETE_AT_MOST})"
+                                   for name in tables)
+        try:
+            with self.engine.connect() as connection:
+                truncated = connection.exec_driver_sql(large).scalars().all()
+                statements = [f"TRUNCATE {', '.join(truncated)} CASCADE"] if truncated else []
+                statements += [f"DELETE FROM {name}" for name in tables if name not in truncated]
+                connection.exec_driver_sql(";".join([*statements, _RESTART_IDENTITIES]))
+        except sqlalchemy.exc.OperationalError as error:
+            with self.engine.connect() as connection:
+                holders = connection.exec_driver_sql(
+                    "SELECT pid, state, xact_start, query FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()").all()
+            raise RuntimeError(f"could not empty the test database: {error.orig}; its other sessions: {holders}")
+
+    def close(self):
+        self.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_database(postgres_server, tmp_path_factory):
+    database = PostgresTestDatabase(postgres_server.create_database(), tmp_path_factory.mktemp("postgres-schema"))
+    yield database
+    database.close()
+
+
+def pytest_generate_tests(metafunc):
+    """A test that uses the store runs on each store, or when marked store_independent on SQLite alone."""
+    if "store" in metafunc.fixturenames:
+        independent = metafunc.definition.get_closest_marker("store_independent")
+        metafunc.parametrize("store", ["sqlite"] if independent else ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A test marked store_independent fails if it sends the store a statement (then it belongs on both)."""
+    if item.get_closest_marker("store_independent") is None:
+        return (yield)
+    statements = []
+
+    def record(_connection, _cursor, statement, *_arguments):
+        statements.append(statement)
+
+    event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", record)
+    try:
+        result = yield
+        for value in item.funcargs.values():  # its searches' records, which a thread writes
+            if isinstance(value, Flask):
+                value.extensions["gateway.search_log"].flush()
+    finally:
+        event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", record)
+    if statements:
+        pytest.fail(f"marked store_independent, yet sent the store {len(statements)} statements, the first: "
+                    f"{statements[0][:200]!r}", pytrace=False)
+    return result
+
+
+@pytest.fixture
 def store(request):
-    """The store a test runs on: ('sqlite' | 'postgresql', database URL)."""
+    """The store a test runs on, with the schema and empty: ('sqlite' | 'postgresql', database URL)."""
     if request.param == "sqlite":
         path = request.getfixturevalue("tmp_path") / "gateway.sqlite"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
         return "sqlite", f"sqlite:///{path}"
-    return "postgresql", request.getfixturevalue("postgres_url")
+    database = request.getfixturevalue("postgres_database")
+    database.empty()
+    return "postgresql", database.url
 
 
 @pytest.fixture
 def app(store, tmp_path):
-    kind, url = store
-    app = create_app(
-        {
-            "TESTING": True,
-            "DATABASE_URL": url,
-            "STORAGE_DIR": str(tmp_path / "storage"),
-            "MAX_UPLOAD_MB": 4,
-        }
-    )
-    with app.app_context():
-        if not init_db() and kind == "postgresql":
-            _empty_tables()
+    _kind, url = store
+    app = create_app({**TEST_SETTINGS, "DATABASE_URL": url, "STORAGE_DIR": str(tmp_path / "storage")})
     yield app
     release_connections(app)
 
@@ -209,10 +336,11 @@ def _free_port():
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def gunicorn(tmp_path):
+@contextmanager
+def gunicorn_servers(log_dir):
     """Starts `gunicorn wsgi:app` (2 workers × 4 threads), or with `via_cli` `gateway serve` (its own
-    defaults, then `serve_args`), on the store of an app; returns (base URL, log path)."""
+    defaults, then `serve_args`), on the store of an app; returns (base URL, log path). Stops them at the
+    end of the block: a context manager, so that a fixture of any scope can hold servers."""
     processes = []
 
     def start(app, extra_env=None, via_cli=False, serve_args=()):
@@ -226,7 +354,7 @@ def gunicorn(tmp_path):
         with app.app_context():
             db.engine.dispose()  # the server's processes must not inherit pooled connections
         port = _free_port()
-        log_path = tmp_path / f"gunicorn-{port}.log"
+        log_path = log_dir / f"gunicorn-{port}.log"
         if via_cli:
             command = [executable, "serve", "--bind", f"127.0.0.1:{port}", *serve_args]
         else:  # gunicorn's control socket is one per machine user
@@ -236,24 +364,39 @@ def gunicorn(tmp_path):
             process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         processes.append(process)
         base_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.poll() is None, f"gunicorn exited:\n{log_path.read_text()}"
-            try:
-                requests.get(f"{base_url}/api/v1/", timeout=5)
-                return base_url, log_path
-            except (requests.ConnectionError, requests.Timeout):  # not listening, or workers still booting
-                assert time.monotonic() < deadline, f"gunicorn did not answer in 15 s:\n{log_path.read_text()}"
-                time.sleep(0.1)
+        wait_until_serving(process, base_url, log_path)
+        return base_url, log_path
 
-    yield start
-    for process in processes:
-        process.terminate()
+    try:
+        yield start
+    finally:
+        for process in processes:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def gunicorn(tmp_path):
+    with gunicorn_servers(tmp_path) as start:
+        yield start
+
+
+def wait_until_serving(process, base_url, log_path, seconds=15):
+    """Returns once the server started as `process` answers at base_url; fails with its log when it
+    exits or does not answer within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, f"the server exited:\n{log_path.read_text()}"
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            requests.get(f"{base_url}/api/v1/", timeout=5)
+            return
+        except (requests.ConnectionError, requests.Timeout):  # not listening, or workers still booting
+            assert time.monotonic() < deadline, f"the server did not answer in {seconds} s:\n{log_path.read_text()}"
+            time.sleep(0.1)
 
 
 ANNOTATION_FIXTURES = Path(__file__).parent / "fixtures" / "annotations"
@@ -301,15 +444,46 @@ def load_fixture_dictionary():
         connection.execute(concept_snomed.insert(), [{"snomed_id": s, "cui": c} for s, c in FIXTURE_SNOMED])
 
 
+def table_rows():
+    """Every row of the models' tables, by table, for the tables that hold any (in the models' order)."""
+    with db.engine.connect() as connection:
+        rows = {table: connection.execute(select(table)).mappings().all() for table in db.metadata.sorted_tables}
+    return {table: [dict(row) for row in found] for table, found in rows.items() if found}
+
+
+def restore_rows(rows):
+    """Insert what table_rows() read into an empty store; identities go on after the highest id, as
+    after the inserts that made those rows. SQLite's triggers fill its full-text index."""
+    with write_engine().begin() as connection:
+        for table, table_rows in rows.items():
+            connection.execute(table.insert(), table_rows)
+            identity = table.autoincrement_column
+            if identity is not None and connection.dialect.name == "postgresql":
+                sequence = func.pg_get_serial_sequence(table.name, identity.name)
+                connection.execute(select(func.setval(sequence, select(func.max(identity)).scalar_subquery())))
+
+
+@pytest.fixture(scope="session")
+def annotated_rows():
+    """The rows that the fixture import left, by store: the first test to ask imports, the others restore."""
+    return {}
+
+
 @pytest.fixture
-def annotated(app):
-    """The app with the fixture dictionary and the eight fixture documents imported."""
+def annotated(app, store, annotated_rows):
+    """The app with the fixture dictionary and the eight fixture documents imported: by the importer in a
+    run's first test on each store, from the rows it left in the others (an import takes a while)."""
     from gateway.annotations.importer import import_folder
 
+    kind = store[0]
     with app.app_context():
+        if kind in annotated_rows:
+            restore_rows(annotated_rows[kind])
+            return app
         load_fixture_dictionary()
         summary = import_folder(
             ANNOTATION_FIXTURES / "nlp", ANNOTATION_FIXTURES / "text", ANNOTATION_FIXTURES / "meta"
         )
         assert (summary.imported, summary.replaced, summary.skipped) == (8, 0, [])
+        annotated_rows[kind] = table_rows()
     return app

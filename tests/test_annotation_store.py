@@ -204,6 +204,7 @@ def test_bad_files_are_skipped_with_their_reason_and_the_rest_imported(app, tmp_
         assert [item["negation"] for item in detail["annotations"]] == [None, "Negated"]
 
 
+@pytest.mark.store_independent
 def test_a_missing_folder_is_refused_before_anything_is_read(app, tmp_path):
     with app.app_context(), pytest.raises(ValueError, match="is not a folder"):
         import_folder(ANNOTATION_FIXTURES / "nlp", text_dir=tmp_path / "nowhere")

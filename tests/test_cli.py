@@ -6,15 +6,17 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import select
 
 from gateway import create_app
 from gateway.annotations.mappings import get_mapping
 from gateway.annotations.query import parse_query, search_annotations
 from gateway.annotations.store import doc_detail, document_uids, linked_instances
-from gateway.db import db, missing_tables, write_engine
+from gateway.cli import main
+from gateway.db import db
 from gateway.demo import DEMO_MAPPING, DEMO_PASSWORD, DEMO_USER, demo_uid
-from gateway.models import annotations, concepts, documents, users
+from gateway.models import annotations, concepts, documents, projects
 from tests.conftest import ANNOTATION_FIXTURES, credentials, instance, release_connections
 from tests.test_results import PNG
 from tests.test_results import add as add_result
@@ -39,18 +41,27 @@ def test_init_db_is_idempotent(cli):
     assert result.output.strip() == "database already initialised"
 
 
-def test_init_db_adds_the_tables_a_store_made_by_an_older_version_lacks(app, cli):
-    assert cli("user", "create", "frank", "--email", "frank@example.org", input="s3cret pass\n").exit_code == 0
-    with app.app_context(), write_engine().begin() as connection:
-        connection.exec_driver_sql("DROP TABLE auth_failures")
-    refused = cli("serve", "--bind", "127.0.0.1:1")
-    assert refused.exit_code != 0
-    assert "the database lacks the tables auth_failures: run 'gateway init-db'" in refused.output
-    result = cli("init-db")
-    assert (result.exit_code, result.output.strip()) == (0, "created tables: auth_failures")
+GATEWAY_COMMANDS = ["annotations", "archive", "concepts", "db", "demo", "form", "init-db", "mappings", "project",
+                    "results", "series", "serve", "storage", "transactions", "user"]
+
+
+def test_gateway_help_lists_only_the_gateways_commands():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    options = result.output.split("Options:")[1].split("Commands:")[0]
+    assert options.split() == ["--help", "Show", "this", "message", "and", "exit."]  # no --app, --env-file, --debug
+    commands = result.output.split("Commands:")[1].splitlines()
+    assert [line.split()[0] for line in commands if line.strip()] == GATEWAY_COMMANDS  # no run, shell, routes
+
+
+def test_gateway_runs_its_commands_on_the_store_its_variables_name(app):
+    environment = {"GATEWAY_DATABASE_URL": app.config["DATABASE_URL"], "GATEWAY_STORAGE_DIR": app.config["STORAGE_DIR"]}
+    result = CliRunner().invoke(main, ["project", "create", "from-env"], env=environment)
+    assert (result.exit_code, result.output) == (0, "project from-env (cad4tb) created\n")
     with app.app_context():
-        assert db.session.execute(select(users.c.username)).scalars().all() == ["frank"]  # nothing else touched
-        assert missing_tables() == []
+        assert db.session.execute(select(projects.c.name)).scalars().all() == ["from-env"]
+    bad = CliRunner().invoke(main, ["project", "create", "other"], env={**environment, "GATEWAY_MAX_UPLOAD_MB": "lots"})
+    assert (bad.exit_code, bad.stderr) == (1, "Error: GATEWAY_MAX_UPLOAD_MB must be a number, not 'lots'\n")
 
 
 def test_admin_commands_set_up_a_working_account(app, cli):

@@ -86,6 +86,7 @@ UNSTORABLE = {"NUL": ("\x00", "holds a NUL character"), "lone surrogate": ("\ud8
          "returnFields"),
     ],
 )
+@pytest.mark.store_independent
 def test_text_that_a_store_could_not_keep_is_refused_naming_its_key(client, call, query, named, character):
     bad, reason = UNSTORABLE[character]
     message = refusal(client, query(bad), call)
@@ -93,6 +94,7 @@ def test_text_that_a_store_could_not_keep_is_refused_naming_its_key(client, call
 
 
 @pytest.mark.parametrize("character", UNSTORABLE, ids=list(UNSTORABLE))
+@pytest.mark.store_independent
 def test_unstorable_text_in_a_get_query_or_a_path_is_refused(client, character):
     bad, reason = UNSTORABLE[character]
     response = client.get("/api/search_anns/x", query_string={"j": json.dumps({"terms": [{"q": f"Rib{bad}"}]})})
@@ -129,6 +131,7 @@ def test_items_of_all_terms_up_to_the_limit(client):
 
 
 @pytest.mark.parametrize("call", ["search_anns", "search_docs"])
+@pytest.mark.store_independent
 def test_a_huge_query_is_refused_at_once(client, call):
     # 100 terms of 600 free-text items (650 KB) held a worker for 30 s, of 1,000 full-text items grew it to 505 MB
     for per_term, item in ((600, "word {}"), (MAX_ITEMS, "w{}")):

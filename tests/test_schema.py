@@ -1,92 +1,95 @@
-"""schema.sql is the canonical DDL: the models in gateway/models.py must describe exactly the same tables.
+"""The models (gateway/models.py) are the one source of the schema: schema.sql is what they generate, and a
+store that the migrations built from empty is exactly what they describe, on SQLite and PostgreSQL."""
+import sqlite3
+from pathlib import Path
 
-Each store gets two databases, one made by running schema.sql and one by the models'
-metadata.create_all(); their reflections must be identical.
-"""
 import pytest
-import sqlalchemy
-from sqlalchemy import inspect
+from click.testing import CliRunner
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine
 
-from gateway import models  # noqa: F401  (registers the tables on db.metadata)
-from gateway.db import db, schema_statements
+from gateway import create_app, models
+from gateway.cli import main
+from gateway.db import db, init_db, write_engine
+from gateway.migrations import comparison_options, schema_sql
+from tests.conftest import TEST_SETTINGS, release_connections
+from tests.test_migrations import empty_database, migrations_database  # noqa: F401 (fixtures)
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def two_databases(request, tmp_path):
-    if request.param == "sqlite":
-        return [f"sqlite:///{tmp_path / name}.sqlite" for name in ("from_ddl", "from_models")]
-    server = request.getfixturevalue("postgres_server")
-    return [server.create_database(), server.create_database()]
-
-
-def describe(engine):
-    """Everything about the tables that a difference between DDL and models could change."""
-    inspector = inspect(engine)
-    description = {}
-    for table in sorted(inspector.get_table_names()):
-        description[table] = {
-            "columns": [
-                (column["name"], _type_name(column["type"]), column["nullable"])
-                for column in inspector.get_columns(table)
-            ],
-            "primary_key": inspector.get_pk_constraint(table)["constrained_columns"],
-            "foreign_keys": sorted(
-                (tuple(fk["constrained_columns"]), fk["referred_table"], tuple(fk["referred_columns"]),
-                 (fk.get("options") or {}).get("ondelete"))
-                for fk in inspector.get_foreign_keys(table)
-            ),
-            "unique": sorted(tuple(unique["column_names"]) for unique in inspector.get_unique_constraints(table)),
-            "indexes": sorted(
-                (index["name"], tuple(index["column_names"]), bool(index["unique"]))
-                for index in inspector.get_indexes(table)
-                if not index["name"].startswith("sqlite_autoindex")
-            ),
-            "checks": sorted(_normalise_sql(check["sqltext"]) for check in inspector.get_check_constraints(table)),
-        }
-    return description
+SCHEMA_SQL = Path(__file__).resolve().parent.parent / "schema.sql"
+# What each store's own full-text DDL (models.FULL_TEXT_DDL) leaves in its catalogue
+FULL_TEXT_OBJECTS = {
+    "sqlite": "SELECT type, name, sql FROM sqlite_master WHERE name LIKE 'documents_fts%' ORDER BY name",
+    "postgresql": "SELECT indexname, indexdef FROM pg_indexes WHERE indexname = 'ix_documents_fts'",
+}
 
 
-def _type_name(column_type):
-    if isinstance(column_type, sqlalchemy.types.NullType):  # FTS5's untyped columns
-        return "untyped"
-    name = column_type.compile(dialect=sqlalchemy.create_mock_engine("sqlite://", None).dialect)
-    return name.replace("BIGSERIAL", "BIGINT")
+def test_schema_sql_is_what_the_models_generate():
+    assert SCHEMA_SQL.read_text() == schema_sql("postgresql"), "run: gateway db schema > schema.sql"
 
 
-def _normalise_sql(sql):
-    """PostgreSQL prints a CHECK back in its own words: compare only the names and literals in it."""
-    for noise in ("(", ")", "::text", "::character varying", "ARRAY[", "]", "= ANY", "IN", ",", "'"):
-        sql = sql.replace(noise, " ")
-    return " ".join(sorted(sql.split()))
+def test_the_sqlite_ddl_builds_what_the_models_describe(tmp_path):
+    printed = CliRunner().invoke(main, ["db", "schema", "--dialect", "sqlite"])
+    assert printed.exit_code == 0, printed.output
+    path = tmp_path / "from_ddl.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.executescript(printed.output)
+    engine = create_engine(f"sqlite:///{path}")
+    assert differences(engine) == []
+    engine.dispose()
 
 
-def test_schema_sql_and_models_describe_the_same_tables(two_databases):
-    from_ddl = sqlalchemy.create_engine(two_databases[0])
-    from_models = sqlalchemy.create_engine(two_databases[1])
-    try:
-        with from_ddl.begin() as connection:
-            for statement in schema_statements(from_ddl.dialect.name):
-                connection.exec_driver_sql(statement)
+@pytest.fixture
+def migrated(empty_database, tmp_path):  # noqa: F811 (the fixture imported above)
+    """An app whose store the migrations built from empty."""
+    app = create_app({**TEST_SETTINGS, "DATABASE_URL": empty_database, "STORAGE_DIR": str(tmp_path / "storage")})
+    with app.app_context():
+        init_db()
+    yield app
+    release_connections(app)
+
+
+def differences(engine):
+    """What Alembic's autogenerate finds between the store and the models (indexes and constraints too)."""
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts=comparison_options(connection.dialect.name))
+        return compare_metadata(context, db.metadata)
+
+
+def full_text_objects(engine):
+    with engine.connect() as connection:
+        return connection.exec_driver_sql(FULL_TEXT_OBJECTS[engine.dialect.name]).all()
+
+
+def test_a_store_migrated_from_empty_is_what_the_models_describe(migrated, tmp_path):
+    # the full-text index, which no model describes, is the one that the models' DDL makes
+    with migrated.app_context():
+        assert differences(db.engine) == []
+        dialect = db.engine.dialect.name
+        from_migrations = full_text_objects(db.engine)
+    if dialect == "sqlite":
+        from_models = create_engine(f"sqlite:///{tmp_path / 'from_models.sqlite'}")
         db.metadata.create_all(from_models)
-
-        ddl_description = describe(from_ddl)
-        # Beyond the models' tables, only SQLite's full-text table (and its shadow tables) exists.
-        assert {name for name in ddl_description if not name.startswith("documents_fts")} == set(db.metadata.tables)
-        assert ddl_description == describe(from_models)
-    finally:
-        from_ddl.dispose()
+        assert from_migrations == full_text_objects(from_models) and len(from_migrations) >= 4
         from_models.dispose()
+    else:
+        assert from_migrations == [(models.POSTGRESQL_FTS_INDEX, "CREATE INDEX ix_documents_fts ON public.documents "
+                                    "USING gin (to_tsvector('english'::regconfig, COALESCE(report_text, ''::text)))")]
 
 
-def test_a_column_missing_from_the_models_is_noticed(tmp_path):
-    """The comparison above can fail: drop one column from the DDL and the descriptions differ."""
-    statements = [
-        statement.replace("    status_message TEXT,\n", "") for statement in schema_statements("sqlite")
-    ]
-    from_ddl = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'ddl.sqlite'}")
-    from_models = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'models.sqlite'}")
-    with from_ddl.begin() as connection:
-        for statement in statements:
-            connection.exec_driver_sql(statement)
-    db.metadata.create_all(from_models)
-    assert describe(from_ddl)["series"] != describe(from_models)["series"]
+def test_the_comparison_notices_what_the_models_do_not_describe(migrated):
+    """The check above can fail: an index dropped, a column added, a type changed are each reported."""
+    with migrated.app_context(), write_engine().begin() as connection:
+        connection.exec_driver_sql("DROP INDEX ix_series_study")
+        connection.exec_driver_sql("ALTER TABLE users ADD COLUMN nickname VARCHAR(20)")
+        connection.exec_driver_sql("DROP TABLE auth_failures")
+        connection.exec_driver_sql("CREATE TABLE auth_failures (scope VARCHAR(16), key TEXT, failures INTEGER, "
+                                   "window_started_at TIMESTAMP NOT NULL, PRIMARY KEY (scope, key))")
+    with migrated.app_context():
+        found = differences(db.engine)
+    kinds = {(change[0][0], change[0][2], change[0][3]) if isinstance(change, list) else (change[0], None, None)
+             for change in found}
+    assert ("add_index", None, None) in kinds  # ix_series_study, and auth_failures' window index
+    assert ("remove_column", None, None) in kinds  # users.nickname
+    assert ("modify_type", "auth_failures", "key") in kinds  # TEXT, not VARCHAR(255)
+    assert ("modify_nullable", "auth_failures", "failures") in kinds

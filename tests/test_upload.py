@@ -25,6 +25,7 @@ from pydicom.sequence import Sequence
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import OperationalError
 from urllib3 import encode_multipart_formdata
+from urllib3.fields import RequestField
 
 from gateway import dicom_ingest
 from gateway.auth import API_PERMISSIONS
@@ -943,8 +944,76 @@ def test_a_broken_multipart_body_is_a_400_that_leaves_nothing(api, seeded):
     assert_nothing_stored(seeded)
 
 
+@pytest.mark.store_independent
 def test_an_oversized_text_field_is_a_413(api, seeded):
     fields = {"Project": "alpha" * 200_000, "Archive": "main", "file": ("a.dcm", instance())}
     response = api.post("instance/upload/", fields)
     assert_error(response, 413, "invalid_post_value", "file_too_large")
     assert temp_files(seeded) == []
+
+
+def upload_with_fields(api, fields):
+    """An upload of instance 1 whose body also holds `fields` ((name, value) pairs or RequestFields) first."""
+    everything = [("Project", "alpha"), ("Archive", "main"), *fields, ("file", ("a.dcm", instance()))]
+    body, content_type = encode_multipart_formdata(everything)
+    response = api.client.post(UPLOAD_URL, data=body, content_type=content_type, headers=api.headers)
+    assert temp_files(api.client.application) == []
+    return response
+
+
+def test_a_body_of_more_parts_than_flask_reads_is_a_400_that_says_so(api, seeded):
+    limit = seeded.config["MAX_FORM_PARTS"]
+    assert limit == 1000  # Flask's default, as the docs state
+    padding = [(f"note{number}", "x") for number in range(limit - 3)]  # beside Project, Archive and file
+    assert upload_with_fields(api, padding).status_code == 200
+    response = upload_with_fields(api, [*padding, ("one_more", "x")])
+    assert_error(response, 400, "invalid_post_value", None)
+    assert response.get_json()["message"] == f"the multipart body has more than {limit} parts"
+    assert row_counts(seeded)["instances"] == 1
+
+
+def test_a_text_field_may_hold_max_form_memory_size_bytes(api, seeded):
+    limit = seeded.config["MAX_FORM_MEMORY_SIZE"]
+    assert limit == 500_000  # Flask's default, as the docs state
+    assert upload_with_fields(api, [("note", "é" * (limit // 2))]).status_code == 200  # bytes, not characters
+    response = upload_with_fields(api, [("other_note", "é" * (limit // 2) + "x")])
+    assert_error(response, 413, "invalid_post_value", "file_too_large")
+    assert row_counts(seeded)["instances"] == 1
+
+
+def field_with_header(value_bytes=0, extra_headers=0):
+    """A text field whose part carries a header line of `value_bytes` after its name, or extra headers."""
+    field = RequestField("note", "x")
+    field.make_multipart()
+    if value_bytes:
+        field.headers["X-Padding"] = "a" * value_bytes
+    for number in range(extra_headers):
+        field.headers[f"X-Extra-{number}"] = "x"
+    return field
+
+
+# multipart's own limits on a part's headers: a line of 4,224 bytes, 8 lines
+LONGEST_HEADER_LINE = 4096 + 128
+MOST_HEADERS = 8
+
+
+@pytest.mark.parametrize("inside, outside", [
+    (field_with_header(value_bytes=LONGEST_HEADER_LINE - len("X-Padding: ")),
+     field_with_header(value_bytes=LONGEST_HEADER_LINE - len("X-Padding: ") + 1)),
+    (field_with_header(extra_headers=MOST_HEADERS - 1), field_with_header(extra_headers=MOST_HEADERS)),
+], ids=["header line", "header count"])
+def test_part_headers_beyond_the_parsers_limits_are_a_400_that_says_so(api, seeded, inside, outside):
+    assert upload_with_fields(api, [inside]).status_code == 200
+    response = upload_with_fields(api, [outside])
+    assert_error(response, 400, "invalid_post_value", None)
+    assert response.get_json()["message"].startswith("the multipart body could not be read: Maximum segment header")
+    assert row_counts(seeded)["instances"] == 1
+
+
+def test_a_body_shorter_than_its_content_length_is_a_400_that_leaves_nothing(api, seeded):
+    """The client went away mid-file: the part spooled so far is removed."""
+    body, content_type = encode_multipart_formdata({"Project": "alpha", "Archive": "main", "file": ("a.dcm", instance())})
+    response = api.client.post(UPLOAD_URL, input_stream=io.BytesIO(body[:-1000]), content_length=len(body),
+                               content_type=content_type, headers=api.headers)
+    assert_error(response, 400, "invalid_post_value", None)
+    assert_nothing_stored(seeded)

@@ -289,6 +289,7 @@ def _allowed(methods):
     return methods | {"OPTIONS"} | ({"HEAD"} if methods == {"GET"} else set())
 
 
+@pytest.mark.store_independent
 def test_wrong_method_and_unknown_call(stored):
     for call, methods in V1_CALL_METHODS.items():
         for method in {"GET", "POST", "PUT", "DELETE", "HEAD"} - _allowed(methods):
@@ -356,6 +357,7 @@ def test_names_are_decoded_with_the_files_character_set(api, charset):
     assert study["InstitutionName"] == "Hôpital Général"
 
 
+@pytest.mark.store_independent
 def test_a_multipart_body_that_quotes_braces_in_its_error_is_a_400(api):
     """The parser's message quotes the client's bytes; they never pass through str.format."""
     body = b'--b\r\nContent-Disposition: form-data; name="{x}\xff"\r\n\r\nvalue\r\n--b--\r\n'

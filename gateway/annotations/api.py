@@ -1,9 +1,9 @@
 """The annotation API blueprint (`/api/…` beside `/api/v1/`): a thin HTTP layer over gateway.annotations.
 
 It keeps the conventions that the existing service's clients (curl, requests, urllib, R httr, a jQuery
-page) rely on: the query comes as `?j=JSON`, as a POSTed JSON body or as a form field `j` (else the path's
-QUERY is the single term); `callback=NAME` wraps any answer, errors included, as JSONP; every answer lets
-any origin read it (CORS).
+page) rely on: the query comes as `?j=JSON`, as a POSTed JSON body or as a form field `j` (else, or when
+`j` is blank, the path's QUERY is the single term); `callback=NAME` wraps any answer, errors included, as
+JSONP; every answer lets any origin read it (CORS).
 """
 import itertools
 import json
@@ -55,7 +55,9 @@ def need_passphrase():
 
 @_call("/check_phrase/<phrase>")
 def check_phrase(phrase):
-    return _answer(_passphrase().accepts(request.remote_addr, phrase))
+    # Without a passphrase no phrase is the right one, as the existing service answers.
+    passphrase = _passphrase()
+    return _answer(passphrase.required and passphrase.accepts(request.remote_addr, phrase))
 
 
 @_call("/docs")
@@ -173,7 +175,7 @@ def _passphrase_and_query():
     body = request.get_data() if request.method == "POST" and request.mimetype not in _FORM_TYPES else b""
     source, text = ("the POSTed body", body) if body.strip() else ("j", values.get("j"))
     passphrase = values.get("passphrase")
-    if text is None:
+    if text is None or not text.strip():  # a blank j= (the existing clients send one) is no j
         return passphrase, None
     if len(text) > MAX_REQUEST_BYTES:
         raise InvalidValue("invalid_query", f"{source} is longer than {MAX_REQUEST_BYTES:,} bytes")
@@ -216,7 +218,8 @@ def _answer(value, status=200):
     return _respond(json.dumps(value), status)
 
 
-def _error(status, message):
+def error_answer(status, message):
+    """The annotation API's error body (the /vis/ page's too)."""
     return _answer({"success": False, "message": message}, status)
 
 
@@ -274,7 +277,7 @@ def _in_annotation_api():
 
 @bp.errorhandler(GatewayError)
 def _gateway_error(error):
-    response = _error(error.status, error.message)
+    response = error_answer(error.status, error.message)
     response.headers.update(error.headers)
     return response
 
@@ -284,7 +287,7 @@ def _http_error(error):
     message = _HTTP_MESSAGES.get(error.code)
     location = getattr(error, "new_url", None)  # a RequestRedirect's (a path with a doubled slash)
     message = message.format(method=request.method, location=location) if message else error.description
-    response = _error(400 if error.code == 413 else error.code, message)  # too large to read is a bad query
+    response = error_answer(400 if error.code == 413 else error.code, message)  # too large to read is a bad query
     if location:
         response.headers["Location"] = location
     return response
@@ -294,7 +297,7 @@ def _http_error(error):
 def _unexpected_error(_exception):
     # The endpoint, not the path: a check_phrase path holds a passphrase digest.
     log.exception("unexpected error in %s %s", request.method, request.endpoint)
-    return _error(500, "the gateway failed to answer; the error is logged")
+    return error_answer(500, "the gateway failed to answer; the error is logged")
 
 
 @bp.before_app_request

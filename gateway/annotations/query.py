@@ -3,21 +3,24 @@
 Semantics (PRODUCT.md): the items of a term's `q` are ORed, terms are ANDed, a term or item with a
 leading `-` excludes the documents it matches. A CUI is expanded to its narrower concepts, a SNOMED CT
 id is mapped to its CUIs and expanded, a mapping name stands for its CUIs as listed, anything else is
-free text matched against an annotation's preferred name, ignoring case. Qualifiers constrain the
-same annotation that matched. Every value reaches the database as a bound parameter; a list of
-any length (CUIs, free texts, modalities) is one parameter, so that a statement's depth and size do not
-grow with a query's items (SQLite refuses compounds of 500 SELECTs and expressions 1,000 deep); full-text
-items are ORed in a balanced tree. A query's cost is bounded before it runs (the limits below) and while
-it runs (GATEWAY_SEARCH_SECONDS).
+free text: a word search over an annotation's preferred name (gateway.annotations.words). Qualifiers
+constrain the same annotation that matched, and so does a semantictype (the matched concept is of one of its types or
+groups; a CUI's expansion is filtered after it is made). Every value reaches the database as a bound
+parameter; a list of any length (CUIs, free texts, modalities) is one parameter, so that a statement's
+depth and size do not grow with a query's items (SQLite refuses compounds of 500 SELECTs and expressions
+1,000 deep); full-text items are ORed in a balanced tree. A query's cost is bounded before it runs (the
+limits below) and while it runs (GATEWAY_SEARCH_SECONDS).
 """
 import dataclasses
+import functools
 import re
 import time
 from collections import defaultdict
+from typing import NamedTuple
 
 import psycopg
 from flask import current_app
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 from sqlalchemy import (
     ARRAY,
     Text,
@@ -29,6 +32,7 @@ from sqlalchemy import (
     intersect,
     literal,
     literal_column,
+    or_,
     select,
     table,
     union,
@@ -37,10 +41,21 @@ from sqlalchemy.exc import OperationalError
 
 from ..db import db, in_values, values_table
 from ..errors import InvalidValue, SearchTooSlow
-from ..models import annotation_prefs, annotations, concept_relations, concept_snomed, concept_types, concepts, documents
+from ..models import (
+    annotation_pref_words,
+    annotation_prefs,
+    annotations,
+    concept_relations,
+    concept_snomed,
+    concept_types,
+    concepts,
+    documents,
+)
 from ..validation import StrictBoolean, error_lines, storable_text
 from . import mappings
+from .dictionary import semantic_groups
 from .store import CUI_PATTERN, EXPERIENCERS, METADATA_COLUMNS, NEGATIONS, TEMPORALITIES
+from .words import parse as parse_free_text
 
 SNOMED_PATTERN = re.compile(r"\d{1,18}")
 
@@ -125,51 +140,145 @@ class _ManyOf(_TextList):
         return list(dict.fromkeys(self.one._deserialize(item, attr, data) for item in super()._deserialize(value, attr, data)))
 
 
-class _TermSchema(Schema):
+# The existing clients' ways of leaving a key unset (PRODUCT.md): the SMI vis page sends every key of its
+# form, blank or "Any" when the user chose nothing.
+
+
+def _blank(value):
+    return isinstance(value, str) and not value.strip()
+
+
+def _blank_or_any(value):
+    """"" or "Any" (any case): alone, or among the values of a comma string or a list."""
+    if _blank(value):
+        return True
+    items = value.split(",") if isinstance(value, str) else value
+    # a value of another type is left to its field to name
+    strings = isinstance(items, list) and all(isinstance(item, str) for item in items)
+    return strings and any(item.strip().lower() == "any" for item in items)
+
+
+def _empty_blank_or_any(value):
+    return value == [] or _blank_or_any(value)
+
+
+class _OrUnset(fields.Field):
+    """`field`'s value, or None (the key is left out: no constraint, or the default) for the values that
+    `unset` tells."""
+
+    def __init__(self, field, unset=_blank, **kwargs):
+        super().__init__(**kwargs)
+        self.field, self.unset = field, unset
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return None if self.unset(value) else self.field._deserialize(value, attr, data, **kwargs)
+
+
+class SemanticTypes(NamedTuple):
+    """A term's semantictype: its concepts must have one of these TUIs or be in one of these groups."""
+
+    tuis: frozenset = frozenset()
+    groups: frozenset = frozenset()
+
+
+@functools.cache
+def _semantic_type_words():
+    """({TUI, semantic type name or semantic group abbreviation, in lower case: its SemanticTypes}, the
+    most commas such a word holds), from the shipped semantic groups table."""
+    table = semantic_groups()
+    words = {}
+    for tui, name in table.type_of_tui.items():
+        words[tui.lower()] = words[name.lower()] = SemanticTypes(tuis=frozenset({tui}))
+    for group in table.group_of_tui.values():
+        words[group.lower()] = SemanticTypes(groups=frozenset({group}))
+    return words, max(word.count(",") for word in words)
+
+
+def _named_semantic_types(text):
+    """The SemanticTypes of each comma-separated word of `text`; ValidationError naming a word that names
+    none. A type name may hold commas itself ("Body Part, Organ, or Organ Component"): the longest run of
+    parts that names one is taken."""
+    words, most_commas = _semantic_type_words()
+    parts, start = text.split(","), 0
+    while start < len(parts):
+        for end in range(min(len(parts), start + most_commas + 1), start, -1):
+            named = words.get(",".join(parts[start:end]).strip().lower())
+            if named:
+                yield named
+                start = end
+                break
+        else:
+            if parts[start].strip():
+                raise ValidationError(
+                    f"{parts[start].strip()!r} is not a semantic type (a TUI such as T047, or its name) or a"
+                    " semantic group (such as DISO)"
+                )
+            start += 1  # an empty part, as in "T047,"
+
+
+class _SemanticTypes(_TextList):
+    """semantictype: TUIs (T047), semantic type names (Disease or Syndrome, any case) or semantic group
+    abbreviations (DISO), ORed; a list of them, or a string of them separated by commas."""
+
+    def __init__(self, **kwargs):
+        super().__init__(split_commas=False, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        named = [types for item in super()._deserialize(value, attr, data, **kwargs) for types in _named_semantic_types(item)]
+        if not named:
+            raise ValidationError("names no semantic type or group")
+        return SemanticTypes(frozenset().union(*(types.tuis for types in named)),
+                             frozenset().union(*(types.groups for types in named)))
+
+
+class _LeavesUnsetKeysOut(Schema):
+    """A schema of JSON keys, refusing unknown ones, that leaves out the keys whose field gave None."""
+
     class Meta:
         unknown = RAISE
 
+    @post_load
+    def _without_unset_keys(self, data, **kwargs):
+        return {key: value for key, value in data.items() if value is not None}
+
+
+class _TermSchema(_LeavesUnsetKeysOut):
     q = _Query(required=True)
     qdepth = fields.Integer(strict=True, validate=validate.Range(min=0))
     qstop = _TextList(validate=lambda cuis: all(CUI_PATTERN.fullmatch(cui) for cui in cuis) or _bad_cuis(cuis))
     qonlysty = StrictBoolean()
-    negation = _OneOf(("Any",) + NEGATIONS)
-    experiencer = _OneOf(("Any",) + EXPERIENCERS)
-    temporality = _ManyOf(TEMPORALITIES)
+    negation = _OrUnset(_OneOf(("Any",) + NEGATIONS))
+    experiencer = _OrUnset(_OneOf(("Any",) + EXPERIENCERS))
+    temporality = _OrUnset(_ManyOf(TEMPORALITIES), unset=_blank_or_any)
+    semantictype = _OrUnset(_SemanticTypes(), unset=_blank_or_any)
 
 
 def _bad_cuis(cuis):
     raise ValidationError(f"not CUIs: {', '.join(cui for cui in cuis if not CUI_PATTERN.fullmatch(cui))}")
 
 
-class _FilterSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
-    start_date = fields.Date(format="%Y-%m-%d")
-    end_date = fields.Date(format="%Y-%m-%d")
-    modalities = _TextList()
+class _FilterSchema(_LeavesUnsetKeysOut):
+    start_date = _OrUnset(fields.Date(format="%Y-%m-%d"))
+    end_date = _OrUnset(fields.Date(format="%Y-%m-%d"))
+    modalities = _OrUnset(_TextList(), unset=_empty_blank_or_any)
     sopinstanceuid = _TextList(max_items=MAX_UIDS)
     seriesinstanceuid = _TextList(max_items=MAX_UIDS)
     studyinstanceuid = _TextList(max_items=MAX_UIDS)
 
     @validates_schema
     def _dates_in_order(self, data, **kwargs):
-        if "start_date" in data and "end_date" in data and data["start_date"] > data["end_date"]:
+        if data.get("start_date") and data.get("end_date") and data["start_date"] > data["end_date"]:
             raise ValidationError("start_date is after end_date")
 
 
-class _QuerySchema(Schema):
-    class Meta:
-        unknown = RAISE
-
+class _QuerySchema(_LeavesUnsetKeysOut):
     terms = fields.List(
         fields.Nested(_TermSchema),
         required=True,
         validate=validate.Length(min=1, max=MAX_TERMS, error=f"a query has from 1 to at most {MAX_TERMS} terms"),
     )
     filter = fields.Nested(_FilterSchema)
-    returnFields = _ManyOf(tuple(METADATA_COLUMNS))
+    returnFields = _OrUnset(_ManyOf(tuple(METADATA_COLUMNS)), unset=lambda value: value == [])
 
     @validates_schema
     def _items_within_limit(self, data, **kwargs):
@@ -188,6 +297,7 @@ class Term:
     negation: str = "Any"
     experiencer: str = "Any"
     temporality: tuple = ()
+    semantictype: SemanticTypes = None
 
 
 @dataclasses.dataclass
@@ -224,7 +334,8 @@ def single_term_query(text):
 
 @dataclasses.dataclass(eq=False)  # compared and hashed as itself
 class _Matcher:
-    """Annotations with one of `cuis` or one of the preferred names `texts`, and the term's qualifiers.
+    """Annotations with one of `cuis`, or with one of `checked_cuis` and one of the preferred names
+    `pref_keys` (lower-cased: those that its free texts found), and the term's qualifiers.
 
     roots: the dictionary's CUIs among what the items name, expanded into `cuis` by _expand.
     """
@@ -232,10 +343,11 @@ class _Matcher:
     term: Term
     roots: set = dataclasses.field(default_factory=set)
     cuis: set = dataclasses.field(default_factory=set)
-    texts: list = dataclasses.field(default_factory=list)
+    pref_keys: set = dataclasses.field(default_factory=set)
+    checked_cuis: set = dataclasses.field(default_factory=set)
 
     def empty(self):
-        return not self.cuis and not self.texts
+        return not self.cuis and not self.checked_cuis
 
     def documents(self):
         conditions = [annotations.c.ruled_out == false()]
@@ -246,16 +358,18 @@ class _Matcher:
         if self.term.temporality:
             conditions.append(annotations.c.temporality.in_(self.term.temporality))
         parts = []
-        if self.cuis:
+        if self.cuis:  # of the term's semantictype already (_keep_semantic_types)
             parts.append(select(annotations.c.document_id).where(in_values(annotations.c.cui, sorted(self.cuis)), *conditions))
-        if self.texts:
-            # annotation_prefs (each lower-cased preferred name of the annotations, with its CUIs) gives the
-            # CUIs of the names, for the CUI index; the name itself is checked on each annotation.
-            lowered = select(func.lower(values_table(self.texts).c.value))
-            named_cuis = select(annotation_prefs.c.cui).where(annotation_prefs.c.pref_key.in_(lowered))
+        if self.term.semantictype is not None:  # what free text finds, an annotation at a time
+            typed = select(concept_types.c.cui).where(concept_types.c.cui == annotations.c.cui)
+            conditions.append(typed.where(_of_semantic_types(self.term.semantictype)).exists())
+        if self.checked_cuis:  # found by the concept index, then the name checked on each annotation
+            keys = select(values_table(sorted(self.pref_keys)).c.value)
             parts.append(
                 select(annotations.c.document_id).where(
-                    annotations.c.cui.in_(named_cuis), func.lower(annotations.c.pref).in_(lowered), *conditions
+                    in_values(annotations.c.cui, sorted(self.checked_cuis)),
+                    func.lower(annotations.c.pref).in_(keys),
+                    *conditions,
                 )
             )
         return _plain(union(*parts)) if len(parts) > 1 else parts[0]
@@ -308,6 +422,7 @@ class _Dictionary:
             ):
                 self.snomed_cuis[snomed_id].append(cui)
         self.mappings = mappings.get_mappings(by_kind["name"]) if by_kind["name"] else {}
+        self.free_texts = _free_text_matches({name for name, mapping in self.mappings.items() if mapping is None})
 
     def resolve(self, items):
         """Puts each (matcher, item) into its matcher: roots, CUIs or free texts; the warnings, in item order."""
@@ -328,8 +443,56 @@ class _Dictionary:
             elif (mapping := self.mappings.get(item)) is not None:
                 matcher.cuis.update(cui for cuis in mapping.values() for cui in cuis)
             else:
-                matcher.texts.append(item)
+                matched = self.free_texts[item]
+                if matched is None:
+                    warnings.append(f"free text {item!r} has no word to search for (stop words are not searched)")
+                matcher.pref_keys |= matched or set()
+        _add_named_cuis({matcher for matcher, _item in items if matcher.pref_keys})
         return warnings
+
+
+def _add_named_cuis(matchers):
+    """Adds to each matcher the CUIs annotated under the preferred names that its free texts found
+    (annotation_prefs, one statement for all): to `cuis` a CUI whose every name they found, so that the
+    concept index answers alone, to `checked_cuis` one annotated under other names too."""
+    if not matchers:
+        return
+    keys = set().union(*(matcher.pref_keys for matcher in matchers))
+    found = select(annotation_prefs.c.cui).where(in_values(annotation_prefs.c.pref_key, keys))
+    names_of, cuis_of = defaultdict(set), defaultdict(set)
+    for cui, key in db.session.execute(
+        select(annotation_prefs.c.cui, annotation_prefs.c.pref_key).where(annotation_prefs.c.cui.in_(found))
+    ):
+        names_of[cui].add(key)
+        cuis_of[key].add(cui)
+    for matcher in matchers:
+        for cui in set().union(*(cuis_of[key] for key in matcher.pref_keys)):
+            (matcher.cuis if names_of[cui] <= matcher.pref_keys else matcher.checked_cuis).add(cui)
+
+
+def _free_text_matches(items):
+    """{item: the keys of the preferred names that the free text matches, None if it has no word}: the
+    words of all items looked up in one statement, then matched here, within the time budget."""
+    seconds = current_app.config["SEARCH_SECONDS"]
+    deadline = time.monotonic() + seconds
+    try:
+        parsed = {item: parse_free_text(item) for item in items}
+    except ValueError as error:
+        raise InvalidValue("invalid_query", str(error)) from None
+    stems = set().union(*(free_text.stems() for free_text in parsed.values()))
+    postings = defaultdict(lambda: defaultdict(set))  # {stem: {pref_key: {positions}}}
+    if stems:
+        index = annotation_pref_words.c
+        for stem, key, position in db.session.execute(
+            select(index.stem, index.pref_key, index.position).where(in_values(index.stem, stems))
+        ):
+            postings[stem][key].add(position)
+    matches = {}
+    for item, free_text in parsed.items():
+        if time.monotonic() > deadline:
+            raise _too_slow(seconds)
+        matches[item] = free_text.pref_keys(postings) if free_text.groups else None
+    return matches
 
 
 # --- concept expansion ----------------------------------------------------------------------------
@@ -424,6 +587,32 @@ def _expand(matchers):
         for walk in walks:
             walk.step(children)
         level += 1
+
+
+def _of_semantic_types(types):
+    """The concept_types rows of one of the TUIs or groups of a term's semantictype."""
+    conditions = [concept_types.c.tui.in_(sorted(types.tuis))] if types.tuis else []
+    conditions += [concept_types.c.semantic_group.in_(sorted(types.groups))] if types.groups else []
+    return or_(*conditions)
+
+
+def _keep_semantic_types(matchers):
+    """Leaves in the CUIs of each matcher whose term has a semantictype only those of its types or groups
+    (after expansion, so that a concept of one group finds its narrower concepts of another with qonlysty
+    false); a CUI that the dictionary gives no type is left out. One statement per semantictype."""
+    by_types = defaultdict(list)
+    for matcher in matchers:
+        if matcher.term.semantictype is not None:
+            by_types[matcher.term.semantictype].append(matcher)
+    for types, typed in by_types.items():
+        cuis = set().union(*(matcher.cuis for matcher in typed))
+        kept = set(
+            db.session.execute(
+                select(concept_types.c.cui).where(in_values(concept_types.c.cui, cuis), _of_semantic_types(types))
+            ).scalars()
+        ) if cuis else set()
+        for matcher in typed:
+            matcher.cuis &= kept
 
 
 # --- compiling a query ------------------------------------------------------------------------------
@@ -579,6 +768,7 @@ def search_annotations(query):
         raise InvalidValue("invalid_query", "a query made only of exclusions would return every document")
     warnings = _Dictionary(item for _matcher, item in items).resolve(items)
     _expand(included + excluded)
+    _keep_semantic_types(included + excluded)
     if any(matcher.empty() for matcher in included):
         return Search(None, query.return_fields, warnings)
     excluded = [matcher for matcher in excluded if not matcher.empty()]

@@ -5,12 +5,22 @@ import json
 import re
 from contextlib import contextmanager
 
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import ARRAY, bindparam, delete, func, select, true
 
-from ..db import bulk_insert, db, in_values, insert_ignoring_conflicts, utcnow, write_transaction
+from ..db import (
+    DIALECT_INSERTS,
+    bulk_insert,
+    db,
+    in_values,
+    insert_ignoring_conflicts,
+    utcnow,
+    values_table,
+    write_transaction,
+)
 from ..errors import InvalidValue, ObjectNotFound
-from ..models import annotation_prefs, annotations, documents, instances
+from ..models import annotation_pref_words, annotation_prefs, annotations, documents, instances
 from ..validation import storable_text
+from .words import words
 
 CUI_PATTERN = re.compile(r"[Cc]\d{1,15}")
 
@@ -196,21 +206,69 @@ def import_documents(batch, known_prefs=None):
             _ANNOTATION_COLUMNS,
             ((document_ids[uid], *row) for uid, document in latest.items() for row in document.annotation_rows),
         )
+        # every annotation's (preferred name, CUI), '' for no name: free text tells from them which CUIs
+        # have only names that it matched
         new_prefs = {
-            (row[_PREF_COLUMN], row[_CUI_COLUMN])
+            (row[_PREF_COLUMN] or "", row[_CUI_COLUMN])
             for document in latest.values()
             for row in document.annotation_rows
-            if row[_PREF_COLUMN]
         } - (known_prefs or set())
         if new_prefs:
-            # the (lower-cased preferred name, CUI) pairs that free text is looked up by
+            unindexed = _unrecorded_keys(session, {pref for pref, _cui in new_prefs})
             recorded = insert_ignoring_conflicts(annotation_prefs).values(
                 pref_key=func.lower(bindparam("pref")), cui=bindparam("cui")
             )
             session.execute(recorded, [{"pref": pref, "cui": cui} for pref, cui in new_prefs])
+            _index_pref_words(session.connection(), unindexed)
     if known_prefs is not None:
         known_prefs |= new_prefs
     return len(latest) - earlier, earlier + len(batch) - len(latest)
+
+
+def _unrecorded_keys(session, prefs):
+    """The keys (lower-cased, as annotation_prefs has them) of `prefs` that annotation_prefs lacks yet, so
+    that no word of theirs is indexed; each once."""
+    listed = values_table(prefs)
+    key = func.lower(listed.c.value)
+    recorded = select(annotation_prefs.c.pref_key).where(annotation_prefs.c.pref_key == key)
+    return session.execute(select(key).where(~recorded.exists()).distinct()).scalars().all()
+
+
+def _index_pref_words(connection, keys):
+    """Adds the words of the preferred names `keys` to annotation_pref_words, leaving those already
+    there (an import running at the same time may have added them). One statement, its rows bound as
+    arrays (PostgreSQL) or one JSON array (SQLite): an executemany costs several times as much a row
+    (on PostgreSQL a round trip each)."""
+    rows = [(stem, key, position) for key in keys for position, stem in words(key)]
+    if not rows:
+        return
+    columns = ("stem", "pref_key", "position")
+    if connection.dialect.name == "postgresql":
+        arrays = [
+            bindparam(None, list(values), type_=ARRAY(annotation_pref_words.c[name].type))
+            for values, name in zip(zip(*rows), columns)
+        ]
+        listed = func.unnest(*arrays).table_valued(*columns).render_derived()
+        rows_table = select(*listed.c)
+    else:
+        listed = func.json_each(bindparam(None, json.dumps(rows))).table_valued("value")
+        # WHERE: SQLite parses an upsert's INSERT … SELECT only with one
+        fields = [func.json_extract(listed.c.value, f"$[{index}]") for index in range(len(columns))]
+        rows_table = select(*fields).where(true())
+    insert = DIALECT_INSERTS[connection.dialect.name](annotation_pref_words)
+    connection.execute(insert.from_select(columns, rows_table).on_conflict_do_nothing())
+
+
+def rebuild_pref_words(connection):
+    """Builds annotation_prefs and annotation_pref_words afresh from the stored annotations, as imports
+    keep them: for a store whose annotations were imported before (a migration's step; it reads every
+    annotation). `connection`: one in a write transaction."""
+    connection.execute(delete(annotation_pref_words))
+    connection.execute(delete(annotation_prefs))
+    pairs = select(func.coalesce(func.lower(annotations.c.pref), ""), annotations.c.cui).distinct()
+    connection.execute(annotation_prefs.insert().from_select(["pref_key", "cui"], pairs))
+    keys = connection.execute(select(annotation_prefs.c.pref_key).distinct()).scalars().all()
+    _index_pref_words(connection, keys)
 
 
 def _new_document_ids(session, count):
