@@ -481,8 +481,6 @@ def print_table(kept, rows):
 
 def selected_cases(text):
     """The cases that --only names: each one by its name or a prefix of it (6c: 6c-1000 and 6c-3000)."""
-    if text is None:
-        return CASES
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if not any(case.startswith(name) for case in CASES)]
     if unknown or not names:

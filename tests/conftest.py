@@ -251,6 +251,32 @@ def release_connections(app):
         db.engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def migrations_database(postgres_server):
+    """A PostgreSQL database for the tests of empty stores, emptied for each (a new one each takes seconds)."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request, tmp_path):
+    """The URL of an empty database of the test's own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.sqlite'}"
+    url = request.getfixturevalue("migrations_database")
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def fresh_app(empty_database, tmp_path):
+    """An app on an empty store (no schema yet)."""
+    app = create_app({**TEST_SETTINGS, "DATABASE_URL": empty_database, "STORAGE_DIR": str(tmp_path / "storage")})
+    yield app
+    release_connections(app)
+
 @pytest.fixture
 def seeded(app):
     """Two projects with an archive each; alice belongs to 'alpha' (upload right), bob to 'beta'."""

@@ -27,7 +27,7 @@ from gateway.annotations.query import MAX_ITEMS, MAX_TEXT, parse_query
 from gateway.db import write_engine
 from gateway.errors import InvalidValue
 from gateway.models import concept_types
-from tests.conftest import FIXTURE_CONCEPTS, release_connections
+from tests.conftest import release_connections
 from tests.test_annotation_api import error_message, json_body, jsonp, results
 
 PASSPHRASE = "open sesame"
@@ -63,16 +63,11 @@ def _set_types(types):
 
 @pytest.fixture
 def typed(annotated):
-    """The annotated store with TYPES and the `chest` mapping (Rib, Pneumonia, Lung apex); the fixture's own
-    types and settings are put back after the test."""
+    """The annotated store (the test's own) with TYPES and the `chest` mapping (Rib, Pneumonia, Lung apex)."""
     with annotated.app_context():
         _set_types(TYPES)
-    mappings_dir = annotated.config["MAPPINGS_DIR"]
     annotated.config["MAPPINGS_DIR"] = str(FIXTURES / "mappings")
-    yield annotated
-    annotated.config["MAPPINGS_DIR"] = mappings_dir
-    with annotated.app_context():
-        _set_types({cui: (None, group.title()) for cui, _pref, group in FIXTURE_CONCEPTS})
+    return annotated
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ head is refused with what to run. Each test has a database of its own: they chan
 import json
 
 import pytest
-import sqlalchemy
 from click.testing import CliRunner
 from flask.cli import ScriptInfo
 from sqlalchemy import inspect, select, text
@@ -23,32 +22,6 @@ UPGRADED_FROM_BASELINE = "applied 0001 (the schema before migrations), 0002 (the
 DEMO_SERIES = {"Project": "demo", "Archive": "main", "PatientID": "DEMO-001",
                "StudyInstanceUID": demo_uid(1, 1, 1), "SeriesInstanceUID": demo_uid(1, 1, 1, 1)}
 DEMO = credentials(DEMO_USER, DEMO_PASSWORD)
-
-
-@pytest.fixture(scope="session")
-def migrations_database(postgres_server):
-    """A PostgreSQL database for the tests of empty stores, emptied for each (a new one each takes seconds)."""
-    return postgres_server.create_database()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_database(request, tmp_path):
-    """The URL of an empty database of the test's own."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.sqlite'}"
-    url = request.getfixturevalue("migrations_database")
-    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    engine.dispose()
-    return url
-
-
-@pytest.fixture
-def fresh_app(empty_database, tmp_path):
-    app = create_app({**TEST_SETTINGS, "DATABASE_URL": empty_database, "STORAGE_DIR": str(tmp_path / "storage")})
-    yield app
-    release_connections(app)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
-from gateway import create_app, models
+from gateway import models
 from gateway.cli import main
 from gateway.db import db, init_db, write_engine
 from gateway.migrations import comparison_options, schema_sql
-from tests.conftest import TEST_SETTINGS, release_connections
-from tests.test_migrations import empty_database, migrations_database  # noqa: F401 (fixtures)
 
 SCHEMA_SQL = Path(__file__).resolve().parent.parent / "schema.sql"
 # What each store's own full-text DDL (models.FULL_TEXT_DDL) leaves in its catalogue
@@ -40,13 +38,11 @@ def test_the_sqlite_ddl_builds_what_the_models_describe(tmp_path):
 
 
 @pytest.fixture
-def migrated(empty_database, tmp_path):  # noqa: F811 (the fixture imported above)
+def migrated(fresh_app):
     """An app whose store the migrations built from empty."""
-    app = create_app({**TEST_SETTINGS, "DATABASE_URL": empty_database, "STORAGE_DIR": str(tmp_path / "storage")})
-    with app.app_context():
+    with fresh_app.app_context():
         init_db()
-    yield app
-    release_connections(app)
+    return fresh_app
 
 
 def differences(engine):

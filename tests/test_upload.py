@@ -952,11 +952,11 @@ def test_an_oversized_text_field_is_a_413(api, seeded):
     assert temp_files(seeded) == []
 
 
-def upload_with_fields(api, fields):
-    """An upload of instance 1 whose body also holds `fields` ((name, value) pairs or RequestFields) first."""
-    everything = [("Project", "alpha"), ("Archive", "main"), *fields, ("file", ("a.dcm", instance()))]
-    body, content_type = encode_multipart_formdata(everything)
-    response = api.client.post(UPLOAD_URL, data=body, content_type=content_type, headers=api.headers)
+def upload_with_fields(api, fields, number=1):
+    """An upload of instance `number` whose body also holds `fields` ((name, value) pairs or RequestFields)
+    first. A refused body gets another instance than the accepted one, so that storing it would show."""
+    everything = [("Project", "alpha"), ("Archive", "main"), *fields, ("file", ("a.dcm", instance(number)))]
+    response = api.post("instance/upload/", everything)
     assert temp_files(api.client.application) == []
     return response
 
@@ -966,7 +966,7 @@ def test_a_body_of_more_parts_than_flask_reads_is_a_400_that_says_so(api, seeded
     assert limit == 1000  # Flask's default, as the docs state
     padding = [(f"note{number}", "x") for number in range(limit - 3)]  # beside Project, Archive and file
     assert upload_with_fields(api, padding).status_code == 200
-    response = upload_with_fields(api, [*padding, ("one_more", "x")])
+    response = upload_with_fields(api, [*padding, ("one_more", "x")], number=2)
     assert_error(response, 400, "invalid_post_value", None)
     assert response.get_json()["message"] == f"the multipart body has more than {limit} parts"
     assert row_counts(seeded)["instances"] == 1
@@ -976,7 +976,7 @@ def test_a_text_field_may_hold_max_form_memory_size_bytes(api, seeded):
     limit = seeded.config["MAX_FORM_MEMORY_SIZE"]
     assert limit == 500_000  # Flask's default, as the docs state
     assert upload_with_fields(api, [("note", "é" * (limit // 2))]).status_code == 200  # bytes, not characters
-    response = upload_with_fields(api, [("other_note", "é" * (limit // 2) + "x")])
+    response = upload_with_fields(api, [("other_note", "é" * (limit // 2) + "x")], number=2)
     assert_error(response, 413, "invalid_post_value", "file_too_large")
     assert row_counts(seeded)["instances"] == 1
 
@@ -1004,7 +1004,7 @@ MOST_HEADERS = 8
 ], ids=["header line", "header count"])
 def test_part_headers_beyond_the_parsers_limits_are_a_400_that_says_so(api, seeded, inside, outside):
     assert upload_with_fields(api, [inside]).status_code == 200
-    response = upload_with_fields(api, [outside])
+    response = upload_with_fields(api, [outside], number=2)
     assert_error(response, 400, "invalid_post_value", None)
     assert response.get_json()["message"].startswith("the multipart body could not be read: Maximum segment header")
     assert row_counts(seeded)["instances"] == 1
