@@ -288,8 +288,9 @@ def test_a_search_longer_than_its_budget_is_stopped_with_a_503(many_documents):
     started = time.monotonic()
     assert results(client, SLOW_QUERY) == []
     unbounded = time.monotonic() - started
-    budget = 0.05
-    assert unbounded > 4 * budget, "the slow query is too fast to show the budget"
+    # a budget well inside the query's own time, however fast this machine runs it
+    budget = round(unbounded / 8, 3)
+    assert budget >= 0.01, f"the slow query ({unbounded:.3f} s) is too fast to show the budget"
     many_documents.config["SEARCH_SECONDS"] = budget
     started = time.monotonic()
     status, body = search(client, SLOW_QUERY)
