@@ -156,6 +156,13 @@ CREATE TABLE concept_types (
     FOREIGN KEY(cui) REFERENCES concepts (cui) ON DELETE CASCADE
 );
 
+CREATE TABLE concept_synonyms (
+    cui VARCHAR(16) NOT NULL,
+    name VARCHAR(255) NOT NULL,
+    PRIMARY KEY (cui, name),
+    FOREIGN KEY(cui) REFERENCES concepts (cui) ON DELETE CASCADE
+);
+
 CREATE TABLE mapping_entries (
     mapping_id BIGINT NOT NULL,
     term VARCHAR(200) NOT NULL,
@@ -293,3 +300,25 @@ CREATE TABLE form_submissions (
 );
 
 CREATE INDEX ix_form_submissions_series ON form_submissions (series_pk);
+
+CREATE TABLE report_documents (
+    instance_id BIGINT NOT NULL,
+    document_id BIGINT NOT NULL,
+    PRIMARY KEY (instance_id),
+    FOREIGN KEY(instance_id) REFERENCES instances (id) ON DELETE CASCADE,
+    UNIQUE (document_id),
+    FOREIGN KEY(document_id) REFERENCES documents (id) ON DELETE CASCADE
+);
+
+CREATE TABLE report_jobs (
+    instance_id BIGINT NOT NULL,
+    enqueued_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+    claimed_until TIMESTAMP WITHOUT TIME ZONE,
+    attempts INTEGER NOT NULL,
+    failed BOOLEAN NOT NULL,
+    last_error TEXT,
+    PRIMARY KEY (instance_id),
+    FOREIGN KEY(instance_id) REFERENCES instances (id) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_report_jobs_queue ON report_jobs (failed, enqueued_at);

@@ -37,11 +37,13 @@ def create_app(test_config=None):
 
     from . import v1
     from .annotations import api as annotation_api, vis
+    from .openapi import views as openapi_views
 
     app.register_blueprint(v1.bp)
     v1.register_error_handlers(app)
     app.register_blueprint(annotation_api.bp)
     app.register_blueprint(vis.bp)
+    app.register_blueprint(openapi_views.bp)
 
     from .cli import register_commands
 

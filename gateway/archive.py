@@ -15,9 +15,9 @@ from sqlalchemy.exc import IntegrityError
 from werkzeug.utils import secure_filename
 
 from .db import DIALECT_INSERTS, db, in_values, utcnow, write_transaction
-from .dicom_ingest import read_instance
+from .dicom_ingest import REPORT_SOP_CLASSES, read_instance
 from .errors import Conflict, ObjectNotFound
-from .models import instances, patients, series, series_results, studies
+from .models import documents, instances, patients, report_documents, report_jobs, series, series_results, studies
 from .zipstream import ZipEntry, zip_stream
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,8 @@ def _lost_to_a_delete(error):
 
 def _write_instance_row(archive, tags, lookup, row):
     """True when the instance's row was written; False when the same instance was stored already."""
+    if row["sop_class_uid"] in REPORT_SOP_CLASSES:  # its job for the report annotator goes in with it
+        return _store_in_new_or_other_series(archive, tags, lookup, row)
     with write_transaction(single_statement=True) as session:
         connection = session.connection()
         if connection.execute(_INSERT_INTO_STORED_SERIES[connection.dialect.name], {**lookup, **row}).first():
@@ -220,6 +222,9 @@ def _store_in_new_or_other_series(archive, tags, lookup, row):
                 raise _LostToADelete("instances")
             _check_same_instance(stored, our_file, row["size_bytes"], tags)
             return False
+        if row["sop_class_uid"] in REPORT_SOP_CLASSES:
+            connection.execute(report_jobs.insert().values(
+                instance_id=inserted.id, enqueued_at=row["created_at"], attempts=0, failed=False))
     return True
 
 
@@ -432,11 +437,15 @@ def series_zip(archive, patient_id, study_uid, series_uid):
 
 def _delete_rows_then_files(table, row_id, series_ids, not_found):
     """Delete a row (the schema cascades to everything below it), then the files of the series below it.
+    The documents that the report annotator read from its SR instances go with the rows.
 
     The rows go first: a crash between the two steps leaves unreferenced files, never a row whose
     file is missing.
     """
     with write_transaction() as session:
+        deleted_instances = select(instances.c.id).where(instances.c.series_pk.in_(series_ids))
+        session.execute(delete(documents).where(documents.c.id.in_(
+            select(report_documents.c.document_id).where(report_documents.c.instance_id.in_(deleted_instances)))))
         keys = session.execute(
             select(instances.c.storage_key)
             .where(instances.c.series_pk.in_(series_ids))

@@ -1,6 +1,7 @@
 """The admin command line, `gateway …`: a click group whose commands run in the app's context."""
 import functools
 import json
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -361,6 +362,55 @@ def demo_command():
         click.echo(line)
 
 
+@click.command("annotate")
+@click.option("--project", help="With --archive: only the SR instances of this archive (else those of every archive).")
+@click.option("--archive", help="With --project: the archive.")
+@click.option("--text-dir", type=click.Path(exists=True, file_okay=False),
+              help="Instead: the text reports (NAME.txt) of this folder, stored as documents.")
+@click.option("--meta-dir", type=click.Path(exists=True, file_okay=False),
+              help="With --text-dir: their DICOM metadata (NAME.json: SOPInstanceUID, ContentDate, …).")
+@with_appcontext
+@_needs_current_schema
+@_fail_on_value_error
+def annotate_command(project, archive, text_dir, meta_dir):
+    """Annotate the stored SR reports again (after the dictionary changed), or a folder of text reports."""
+    from .reports.annotating import annotate_stored, annotate_texts  # spaCy: only the commands that annotate load it
+
+    if (project is None) != (archive is None):
+        raise click.ClickException("give --project and --archive together")
+    if text_dir is not None:
+        if project is not None:
+            raise click.ClickException("--text-dir goes without --project and --archive")
+        with _progress_bar("annotating") as progress:
+            stored, replaced = annotate_texts(text_dir, meta_dir, progress)
+        click.echo(f"annotated {stored + replaced} text reports: {stored} new, {replaced} replaced")
+        return
+    if meta_dir is not None:
+        raise click.ClickException("--meta-dir goes with --text-dir")
+    archive_id = None if project is None else archive_by_name(project, archive).id
+    with _progress_bar("annotating") as progress:
+        queued, state = annotate_stored(archive_id, progress)
+    click.echo(f"annotated {queued - state.pending - len(state.failed)} of {queued} SR reports")
+    for sop_instance_uid, attempts, reason in state.failed:
+        click.echo(f"failed {sop_instance_uid} after {attempts} attempts: {reason}")
+    if state.pending:
+        click.echo(f"{state.pending} wait for another worker")
+
+
+@click.command("worker")
+@click.option("--poll-seconds", default=1.0, show_default=True, type=click.FloatRange(0.1, 60),
+              help="How often an idle worker looks at the queue.")
+@click.option("--stop-with-parent", is_flag=True, hidden=True, help="Stop when the process that started it ends.")
+@with_appcontext
+@_needs_current_schema
+def worker_command(poll_seconds, stop_with_parent):
+    """Annotate the SR reports that uploads queue, until stopped (gateway serve runs one itself)."""
+    from .reports.worker import run_worker  # spaCy: only the commands that annotate load it
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [report worker %(process)d] %(levelname)s %(message)s")
+    run_worker(poll_seconds, stop_with_parent=stop_with_parent)
+
+
 @click.command("serve")
 @click.option("--bind", default="127.0.0.1:8080", show_default=True)
 @click.option("--workers", default=SETTINGS["workers"], show_default=True, type=click.IntRange(1, 64),
@@ -369,12 +419,14 @@ def demo_command():
               help="Requests each worker answers at once.")
 @click.option("--timeout", default=SETTINGS["timeout"], show_default=True, type=click.IntRange(1),
               help="Seconds a worker may stop answering gunicorn before it is restarted (not a request's limit).")
+@click.option("--report-workers", default=1, show_default=True, type=click.IntRange(0, 16),
+              help="Processes that annotate uploaded SR reports (as `gateway worker` does); 0 for none.")
 @with_appcontext
 @_needs_current_schema
-def serve_command(bind, workers, threads, timeout):
-    """Serve the gateway with gunicorn (threaded workers)."""
+def serve_command(bind, workers, threads, timeout, report_workers):
+    """Serve the gateway with gunicorn (threaded workers), and annotate uploaded reports."""
     db.engine.dispose()  # the workers make their own connections (and apps) after the fork
-    serve(create_app, bind, workers, threads, timeout)
+    serve(create_app, bind, workers, threads, timeout, report_workers)
 
 
 COMMANDS = (
@@ -392,6 +444,8 @@ COMMANDS = (
     annotations_group,
     storage_group,
     demo_command,
+    annotate_command,
+    worker_command,
     serve_command,
 )
 

@@ -21,6 +21,14 @@ from pydicom.values import convert_text
 
 from .errors import InvalidValue
 
+# The SR Storage SOP classes (PS3.4 B.5) whose content tree is a report, which the report annotator reads.
+REPORT_SOP_CLASSES = frozenset({
+    pydicom.uid.BasicTextSRStorage,
+    pydicom.uid.EnhancedSRStorage,
+    pydicom.uid.ComprehensiveSRStorage,
+    pydicom.uid.Comprehensive3DSRStorage,
+    pydicom.uid.ExtensibleSRStorage,
+})
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DEFER_BYTES = 4096  # values larger than this (pixel data) are skipped over, not read
 # What pydicom raises on malformed input, found by reading its own test files and tens of thousands of

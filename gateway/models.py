@@ -214,6 +214,14 @@ concept_types = Table(
     Column("semantic_group", String(8), nullable=False),
 )
 
+# A concept's other English names (UMLS atoms), which the report annotator matches besides the preferred one.
+concept_synonyms = Table(
+    "concept_synonyms",
+    db.metadata,
+    Column("cui", String(16), ForeignKey("concepts.cui", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(255), primary_key=True),
+)
+
 # Narrower concepts: child_cui is narrower than parent_cui. No foreign keys, as a source may relate
 # concepts that the loaded subset leaves out.
 concept_relations = Table(
@@ -266,6 +274,30 @@ documents = Table(
     Index("ix_documents_search", "id", "sop_instance_uid", "content_date", "modalities_in_study"),
     Index("ix_documents_series", "series_instance_uid"),
     Index("ix_documents_study", "study_instance_uid"),
+)
+
+# The documents that the report annotator read from the archive's SR instances (gateway.reports): deleting the
+# instance deletes its document (gateway.archive's deletes), and a document is never written for an instance
+# deleted meanwhile.
+report_documents = Table(
+    "report_documents",
+    db.metadata,
+    Column("instance_id", BigInteger, ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
+    Column("document_id", BigInteger, ForeignKey("documents.id", ondelete="CASCADE"), nullable=False, unique=True),
+)
+
+# The archive's SR instances whose report text awaits the annotator (gateway.reports). A worker takes a job
+# by a lease (claimed_until), so that several share the queue and a job of one that died is taken again.
+report_jobs = Table(
+    "report_jobs",
+    db.metadata,
+    Column("instance_id", BigInteger, ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
+    Column("enqueued_at", TIMESTAMP, nullable=False),
+    Column("claimed_until", TIMESTAMP),
+    Column("attempts", Integer, nullable=False),
+    Column("failed", Boolean, nullable=False),  # given up after the last attempt, with its reason
+    Column("last_error", Text),
+    Index("ix_report_jobs_queue", "failed", "enqueued_at"),
 )
 
 # The full-text index of the report texts; each store has its own kind, made by DDL of its own: an FTS5

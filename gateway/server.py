@@ -12,6 +12,8 @@ Each worker builds its own app after the fork (as `gunicorn wsgi:app` does), so 
 the master's app context, database connections or per-process keys.
 """
 import json
+import subprocess
+import sys
 
 from gunicorn import util
 from gunicorn.app.base import BaseApplication
@@ -62,6 +64,32 @@ class _GatewayServer(BaseApplication):
         return self._app_factory()  # in each worker, after the fork
 
 
-def serve(app_factory, bind, workers, threads, timeout):
+def serve(app_factory, bind, workers, threads, timeout, report_workers=0):
     options = {**SETTINGS, "bind": bind, "workers": workers, "threads": threads, "timeout": timeout}
+    if report_workers:
+        options.update(_report_worker_hooks(report_workers))
     _GatewayServer(app_factory, options).run()
+
+
+def _report_worker_hooks(count):
+    """gunicorn hooks that run `count` report workers (`gateway worker`, gateway.reports.worker) beside the web
+    workers: processes of their own, so that annotating never holds a thread that answers requests. Started
+    once the server listens, with its settings (the environment); stopped when it exits, each after its batch."""
+    processes = []
+
+    def when_ready(_arbiter):
+        processes.extend(subprocess.Popen([sys.executable, "-m", "gateway", "worker", "--stop-with-parent"]) for _ in range(count))
+
+    def on_exit(_arbiter):
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=_REPORT_WORKER_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    return {"when_ready": when_ready, "on_exit": on_exit}
+
+
+_REPORT_WORKER_STOP_SECONDS = 30

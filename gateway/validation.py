@@ -63,6 +63,18 @@ class StrictNumber(fields.Float):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+class StrictInteger(fields.Integer):
+    """A JSON integer, as JSON Schema has it: 2 and 2.0, but not 2.5, "2" nor true."""
+
+    def __init__(self, **kwargs):
+        super().__init__(strict=True, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class StrictBoolean(fields.Boolean):
     """JSON true or false only: marshmallow's Boolean would also take 1, "yes" and "on"."""
 

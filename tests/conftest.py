@@ -425,6 +425,64 @@ def wait_until_serving(process, base_url, log_path, seconds=15):
             time.sleep(0.1)
 
 
+VENV_BIN = Path(sys.executable).parent
+
+
+def clean_environment():
+    """This process's environment without GATEWAY_* settings, which must not change what a block does."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
+
+
+class DemoStores:
+    """The demo store of one kind (sqlite | postgresql) and a second one for the blocks that make what can be
+    made only once, each seeded by `gateway demo`, and the servers that `gateway serve` runs on the first, one
+    per set of extra settings."""
+
+    def __init__(self, request, kind, folder, start_server):
+        self.request, self.kind, self.folder, self.start_server = request, kind, folder, start_server
+        self.stores = 0
+        self.env = self.new_store()
+        self.app = create_app({"DATABASE_URL": self.env["GATEWAY_DATABASE_URL"],
+                               "STORAGE_DIR": self.env["GATEWAY_STORAGE_DIR"]})
+        self.servers = {}
+        self._second_store = None
+
+    def second_store(self):
+        if self._second_store is None:
+            self._second_store = self.new_store()
+        return self._second_store
+
+    def new_store(self):
+        """The settings of a new store that `gateway demo` has seeded, as `make serve` seeds one."""
+        self.stores += 1
+        if self.kind == "sqlite":
+            url = f"sqlite:///{self.folder / f'gateway-{self.stores}.sqlite'}"
+        else:
+            url = self.request.getfixturevalue("postgres_server").create_database()
+        env = {"GATEWAY_DATABASE_URL": url, "GATEWAY_STORAGE_DIR": str(self.folder / f"storage-{self.stores}")}
+        seeded = subprocess.run([VENV_BIN / "gateway", "demo"], env={**clean_environment(), **env},
+                                capture_output=True, text=True, timeout=120)
+        assert seeded.returncode == 0, seeded.stdout + seeded.stderr
+        return env
+
+    def server(self, extra_env=()):
+        """The base URL of `gateway serve` on the demo store, with `extra_env` settings besides."""
+        if extra_env not in self.servers:
+            self.servers[extra_env], _log = self.start_server(self.app, dict(extra_env), via_cli=True)
+        return self.servers[extra_env]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def demo(request, tmp_path_factory):
+    """The demo of `make serve` (`gateway demo`, then `gateway serve`) on each store, shared by a module's tests."""
+    folder = tmp_path_factory.mktemp(f"demo-{request.param}")
+    with gunicorn_servers(folder) as start_server:
+        demo = DemoStores(request, request.param, folder, start_server)
+        yield demo
+    with demo.app.app_context():
+        db.engine.dispose()
+
+
 ANNOTATION_FIXTURES = Path(__file__).parent / "fixtures" / "annotations"
 
 # A hand-made dictionary: (cui, pref, semantic group) and (parent, child) narrower relations.

@@ -295,6 +295,15 @@ def test_a_malformed_query_is_a_400_that_names_the_problem(bare_client, j, expec
             assert expected in error_message(form, 400)
 
 
+def test_a_whole_number_written_with_a_fraction_is_an_integer(client):
+    """As JSON Schema's integer (the description's): qdepth 1.0 is qdepth 1, 1.5 is no integer."""
+    def posted(qdepth):
+        return client.post("/api/search_anns/x/", json={"terms": [{"q": "C0000001", "qdepth": qdepth}]})
+
+    assert results(posted(1.0)) == results(posted(1))
+    assert "terms[0].qdepth" in error_message(posted(1.5), 400)
+
+
 @pytest.mark.store_independent
 def test_a_body_that_is_not_utf8_is_a_400(client):
     response = client.post("/api/search_anns/x/", data=b"\xff\xfe\x00{", content_type="application/json")

@@ -41,8 +41,8 @@ def test_init_db_is_idempotent(cli):
     assert result.output.strip() == "database already initialised"
 
 
-GATEWAY_COMMANDS = ["annotations", "archive", "concepts", "db", "demo", "form", "init-db", "mappings", "project",
-                    "results", "series", "serve", "storage", "transactions", "user"]
+GATEWAY_COMMANDS = ["annotate", "annotations", "archive", "concepts", "db", "demo", "form", "init-db", "mappings",
+                    "project", "results", "series", "serve", "storage", "transactions", "user", "worker"]
 
 
 def test_gateway_help_lists_only_the_gateways_commands():

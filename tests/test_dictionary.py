@@ -16,7 +16,7 @@ from gateway.annotations.dictionary import (
     semantic_groups,
 )
 from gateway.db import db
-from gateway.models import concept_relations, concept_snomed, concept_types, concepts
+from gateway.models import concept_relations, concept_snomed, concept_synonyms, concept_types, concepts
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 UMLS_DIR = FIXTURES / "umls"
@@ -59,6 +59,14 @@ UMLS_RELATIONS = {
 }
 UMLS_MSH_RELATIONS = {("C9000005", "C9000007"), ("C9000006", "C9000004")}
 # Obsolete (O) and editor-suppressed (E) SNOMED CT atoms left out, suppressible (Y) ones kept.
+# The other English names of atoms that are not suppressed: "Thoracic wall" by its MSH atom (its SNOMED CT atom
+# is suppressible), not "Fracture of rib" (obsolete) nor "Thorax cage" (editor-suppressed)
+UMLS_SYNONYMS = {
+    ("C9000001", "Thoracic wall"),
+    ("C9000001", "Chest wall structure"),
+    ("C9000002", "Thoracic cage"),
+    ("C9000005", "Entire heart"),
+}
 UMLS_SNOMED = {
     ("78904004", "C9000001"),
     ("8050005", "C9000002"),
@@ -103,16 +111,18 @@ def dictionary_rows():
         "types": select(concept_types.c.cui, concept_types.c.tui, concept_types.c.sty, concept_types.c.semantic_group),
         "relations": select(concept_relations.c.parent_cui, concept_relations.c.child_cui),
         "snomed": select(concept_snomed.c.snomed_id, concept_snomed.c.cui),
+        "synonyms": select(concept_synonyms.c.cui, concept_synonyms.c.name),
     }
     return {name: set(map(tuple, db.session.execute(query))) for name, query in queries.items()}
 
 
-def expected(concept_rows, type_rows, relation_rows, snomed_rows):
-    return {"concepts": concept_rows, "types": type_rows, "relations": relation_rows, "snomed": snomed_rows}
+def expected(concept_rows, type_rows, relation_rows, snomed_rows, synonym_rows=frozenset()):
+    return {"concepts": concept_rows, "types": type_rows, "relations": relation_rows, "snomed": snomed_rows,
+            "synonyms": synonym_rows}
 
 
-UMLS_DICTIONARY = expected(UMLS_CONCEPTS, UMLS_TYPES, UMLS_RELATIONS, UMLS_SNOMED)
-SEMEHR_DICTIONARY = expected(SEMEHR_CONCEPTS, SEMEHR_TYPES, SEMEHR_RELATIONS, SEMEHR_SNOMED)
+UMLS_DICTIONARY = expected(UMLS_CONCEPTS, UMLS_TYPES, UMLS_RELATIONS, UMLS_SNOMED, UMLS_SYNONYMS)
+SEMEHR_DICTIONARY = expected(SEMEHR_CONCEPTS, SEMEHR_TYPES, SEMEHR_RELATIONS, SEMEHR_SNOMED)  # no synonyms in CSV
 
 
 def test_the_semantic_groups_table_has_every_semantic_type():
@@ -132,7 +142,7 @@ def test_umls_files_load_as_they_read(app):
     with app.app_context():
         summary = load_umls(UMLS_DIR)
         assert dictionary_rows() == UMLS_DICTIONARY
-        assert summary == DictionarySummary(concepts=7, types=8, relations=7, snomed_ids=4)
+        assert summary == DictionarySummary(concepts=7, types=8, relations=7, snomed_ids=4, synonyms=4)
 
 
 def test_other_sources_add_their_narrower_relations(app):
@@ -147,7 +157,7 @@ def test_semehr_csv_files_load_as_they_read(app):
     with app.app_context():
         summary = load_semehr_csv(SEMEHR_DIR)
         assert dictionary_rows() == SEMEHR_DICTIONARY
-        assert summary == DictionarySummary(concepts=5, types=6, relations=5, snomed_ids=4)
+        assert summary == DictionarySummary(concepts=5, types=6, relations=5, snomed_ids=4, synonyms=0)
 
 
 def test_each_load_replaces_the_whole_dictionary(app):
@@ -251,7 +261,7 @@ def test_the_sample_is_a_clean_radiology_dictionary(app):
         rows = dictionary_rows()
     names = dict(rows["concepts"])
     assert summary == DictionarySummary(len(rows["concepts"]), len(rows["types"]), len(rows["relations"]),
-                                        len(rows["snomed"]))
+                                        len(rows["snomed"]), 0)
     assert summary.concepts >= 300 and summary.relations >= 250 and summary.snomed_ids >= 250
     assert names["C0205076"] == "Chest wall"
     assert ("78904004", "C0205076") in rows["snomed"]

@@ -1,5 +1,6 @@
 """Every shell and Python block of README.md and docs/*.md runs on its own, as printed, against the demo that
-`make serve` serves (`gateway demo`, then `gateway serve`), on SQLite and on PostgreSQL.
+`make serve` serves (`gateway demo`, then `gateway serve`), on its SQLite store as `make serve` makes it (what
+the examples show of either store is tested on both by the API's own tests).
 
 Each block runs in a fresh process (`bash -e -o pipefail`, or `python`) in the repository root, with the
 venv's bin first on PATH, GW naming the demo server (the blocks read `GW=${GW:-http://127.0.0.1:8080}`),
@@ -16,24 +17,28 @@ block says when it runs otherwise (several are joined by "; "):
                                             (users, projects) can be made only once
     <!-- docs-test: shows errors -->        its output must hold an error answer
 """
+import contextlib
 import dataclasses
 import io
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
-from pathlib import Path
+import tempfile
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pydicom
 import pytest
 import requests
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
 
-from gateway import create_app
-from gateway.db import db
 from gateway.demo import DEMO_CONTENT, demo_documents, demo_instances
-from tests.conftest import PROJECT_ROOT, _free_port, gunicorn_servers, wait_until_serving
+from gateway.openapi import annotations as openapi_annotations, v1 as openapi_v1
+from tests.conftest import PROJECT_ROOT, VENV_BIN, _free_port, clean_environment, wait_until_serving
 
 DOCUMENTS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
 RUNNABLE = ("sh", "bash", "python")
@@ -41,7 +46,6 @@ NOT_RUN = ("text", "json", "nginx", "ini")  # sample output, answers, a site's c
 DEMO_ADDRESS = "127.0.0.1:8080"
 # How a block names the demo server: GW, which the test sets, with the demo's address as the default.
 GW_DEFAULTS = ("${GW:-http://127.0.0.1:8080}", 'os.environ.get("GW", "http://127.0.0.1:8080")')
-VENV_BIN = Path(sys.executable).parent
 FENCE = re.compile(r"^(\s*)```(.*)$")
 DIRECTIVE = re.compile(r"^<!-- docs-test: (.*) -->$")
 # The error bodies of both APIs, as JSON or as Python prints them
@@ -156,7 +160,7 @@ def test_the_api_guide_has_examples_of_every_call():
     guide = [block for block in RUNNABLE_BLOCKS if block.path == "docs/api.md"]
     shell = "".join(block.text for block in guide if block.language != "python")
     python = "".join(block.text for block in guide if block.language == "python")
-    for call in _calls("gateway/v1/__init__.py", r'@(?:bp\.(?:get|post)|_deleting_route)\("([^"]+)"'):
+    for call in _calls("gateway/v1/__init__.py", r'@_call\("([^"]+)"'):
         assert f"/api/v1{call}" in shell, f"no curl example of {call}"
         assert call.strip("/") in python, f"no requests example of {call}"
     for call in _calls("gateway/annotations/api.py", r'@_call\("(/\w+)'):
@@ -188,60 +192,6 @@ def test_the_demo_images_and_reports_carry_the_sop_class_of_their_modality():
 
 
 # --- running them -------------------------------------------------------------------------------------------
-
-
-class Demo:
-    """The demo store of one kind (sqlite | postgresql) and a second one for the blocks that make what can be
-    made only once, each seeded by `gateway demo`, and the servers that `gateway serve` runs on the first, one
-    per set of extra settings."""
-
-    def __init__(self, request, kind, folder, start_server):
-        self.request, self.kind, self.folder, self.start_server = request, kind, folder, start_server
-        self.stores = 0
-        self.env = self.new_store()
-        self.app = create_app({"DATABASE_URL": self.env["GATEWAY_DATABASE_URL"],
-                               "STORAGE_DIR": self.env["GATEWAY_STORAGE_DIR"]})
-        self.servers = {}
-        self._second_store = None
-
-    def second_store(self):
-        if self._second_store is None:
-            self._second_store = self.new_store()
-        return self._second_store
-
-    def new_store(self):
-        """The settings of a new store that `gateway demo` has seeded, as `make serve` seeds one."""
-        self.stores += 1
-        if self.kind == "sqlite":
-            url = f"sqlite:///{self.folder / f'gateway-{self.stores}.sqlite'}"
-        else:
-            url = self.request.getfixturevalue("postgres_server").create_database()
-        env = {"GATEWAY_DATABASE_URL": url, "GATEWAY_STORAGE_DIR": str(self.folder / f"storage-{self.stores}")}
-        seeded = subprocess.run([VENV_BIN / "gateway", "demo"], env={**clean_environment(), **env},
-                                capture_output=True, text=True, timeout=BLOCK_SECONDS)
-        assert seeded.returncode == 0, seeded.stdout + seeded.stderr
-        return env
-
-    def server(self, extra_env=()):
-        """The base URL of `gateway serve` on the demo store, with `extra_env` settings besides."""
-        if extra_env not in self.servers:
-            self.servers[extra_env], _log = self.start_server(self.app, dict(extra_env), via_cli=True)
-        return self.servers[extra_env]
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def demo(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(f"demo-{request.param}")
-    with gunicorn_servers(folder) as start_server:
-        demo = Demo(request, request.param, folder, start_server)
-        yield demo
-    with demo.app.app_context():
-        db.engine.dispose()
-
-
-def clean_environment():
-    """This process's environment without GATEWAY_* settings, which must not change what a block does."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
 
 
 def untracked_files():
@@ -306,6 +256,7 @@ def serve_block(block, env, log_path):
         stop(process)
 
 
+@pytest.mark.parametrize("demo", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("block", RUNNABLE_BLOCKS, ids=[block.id for block in RUNNABLE_BLOCKS])
 def test_the_block_runs_as_printed(block, demo, tmp_path):
     how = how_to_run(block.directive)
@@ -329,3 +280,271 @@ def test_the_block_runs_as_printed(block, demo, tmp_path):
              "an error answer in the output (a block that shows one says so: <!-- docs-test: shows errors -->)\n")
             + report(block, completed))
     assert untracked_files() <= before, f"{block.id} wrote files into the repository (write them into a mktemp -d)"
+
+
+# --- the examples against the OpenAPI descriptions -----------------------------------------------------------
+
+DESCRIPTIONS = (openapi_v1.build(), openapi_annotations.build())
+# jQuery's cache buster beside the vis page's j (an example shows it): every call ignores it
+IGNORED_QUERY_NAMES = {"_"}
+CURL_OPTIONS_WITH_VALUES = {"-H", "--header", "-F", "--form", "-d", "--data", "--data-raw", "--data-binary",
+                            "--data-urlencode", "-X", "--request", "-o", "--output", "-w", "--write-out"}
+SHELL_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+@dataclasses.dataclass
+class ExampleRequest:
+    """A request of an example, as far as a description lists it."""
+
+    where: str
+    method: str
+    url: str  # from the path on
+    media_type: str = None  # of its body
+    fields: dict = dataclasses.field(default_factory=dict)  # of a form body: name -> value (None for a file)
+    json: object = None  # a JSON body
+
+
+def described_operation(method, path):
+    """(description, operation) of the call a request's method and path name, or None; with method None,
+    (description, None) when the path is described at all."""
+    for document in DESCRIPTIONS:
+        for template, item in document["paths"].items():
+            pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part)
+                              for part in re.split(r"(\{\w+\})", template))
+            if re.fullmatch(pattern, path) and (method is None or method.lower() in item):
+                return document, method and item[method.lower()]
+    return None
+
+
+def resolved(document, schema):
+    while "$ref" in schema:
+        schema = document["components"]["schemas"][schema["$ref"].rpartition("/")[2]]
+    return schema
+
+
+def unknown_keys(document, value, schema, where):
+    """The keys of a JSON value that its schema does not list, at any depth."""
+    schema = resolved(document, schema)
+    branches = schema.get("anyOf", []) + schema.get("oneOf", [])
+    if branches:
+        # the branch of the value's JSON type that knows most of its keys
+        found = [unknown_keys(document, value, branch, where) for branch in branches
+                 if _json_type_fits(value, resolved(document, branch))]
+        return min(found, key=len) if found else []
+    if isinstance(value, dict) and "properties" in schema:
+        unknown = [f"{where}.{key}" for key in value if key not in schema["properties"]]
+        for key, item in value.items():
+            if key in schema["properties"]:
+                unknown += unknown_keys(document, item, schema["properties"][key], f"{where}.{key}")
+        return unknown
+    if isinstance(value, list) and "items" in schema:
+        return [key for index, item in enumerate(value)
+                for key in unknown_keys(document, item, schema["items"], f"{where}[{index}]")]
+    return []
+
+
+def _json_type_fits(value, schema):
+    """Whether a schema's type admits the value's: an object, an array or another JSON value."""
+    kinds = schema.get("type")
+    if kinds is None:
+        return True
+    kinds = set(kinds) if isinstance(kinds, list) else {kinds}
+    if isinstance(value, dict):
+        return "object" in kinds
+    if isinstance(value, list):
+        return "array" in kinds
+    return bool(kinds - {"object", "array"})
+
+
+def undescribed(request, deliberate_errors=False):
+    """What of `request` the descriptions do not list: its call, a query parameter, a form field or JSON key,
+    or a required parameter it leaves out. Empty when they list all of it. An example of errors breaks its
+    calls on purpose: of its requests only the path must be described."""
+    split = urlsplit(request.url)
+    path = unquote(split.path)
+    found = described_operation(None if deliberate_errors else request.method, path)
+    if found is None:
+        return [f"{request.method} {path}: no such call"]
+    if deliberate_errors:
+        return []
+    document, operation = found
+    call = f"{request.method} {path}"
+    problems = []
+    parameters = {parameter["name"]: parameter for parameter in operation.get("parameters", [])
+                  if parameter["in"] == "query"}
+    keys = {scheme["name"] for scheme in document["components"].get("securitySchemes", {}).values()
+            if scheme["in"] == "query"}
+    query = parse_qs(split.query, keep_blank_values=True)
+    for name, values in query.items():
+        if name in IGNORED_QUERY_NAMES or name in keys:
+            continue
+        if name not in parameters:
+            problems.append(f"{call}: the query parameter {name} is not described")
+        elif "content" in parameters[name]:
+            problems += _json_problems(document, call, name, values[0],
+                                       parameters[name]["content"]["application/json"]["schema"])
+    problems += [f"{call}: the required parameter {name} is missing" for name, parameter in parameters.items()
+                 if parameter.get("required") and name not in query]
+    if request.media_type is None:
+        return problems
+    content = operation.get("requestBody", {}).get("content", {})
+    if request.media_type not in content:
+        return problems + [f"{call}: a body of {request.media_type} is not described"]
+    body = content[request.media_type]
+    schema = resolved(document, body["schema"])
+    if request.media_type == "application/json":
+        return problems + [f"{call}: the JSON key {key} is not described"
+                           for key in unknown_keys(document, request.json, schema, "body")]
+    for name, value in request.fields.items():
+        field = schema["properties"].get(name)
+        if field is None:
+            problems.append(f"{call}: the form field {name} is not described")
+        elif field.get("contentMediaType") == "application/json":  # JSON text
+            problems += _json_problems(document, call, name, value, field["contentSchema"])
+        elif body.get("encoding", {}).get(name, {}).get("contentType") == "application/json":  # a JSON part
+            problems += _json_problems(document, call, name, value, field)
+    return problems + [f"{call}: the required form field {name} is missing" for name in schema.get("required", ())
+                       if name not in request.fields]
+
+
+def _json_problems(document, call, name, text, schema):
+    try:
+        value = json.loads(text)
+    except ValueError:  # a value the shell fills in, such as "$1"
+        return []
+    return [f"{call}: the key {key} is not described" for key in unknown_keys(document, value, schema, name)]
+
+
+def curl_requests(block):
+    """The requests of a shell block's curl commands, its variables and arrays filled in where it sets them."""
+    variables, arrays, requests_made = {"GW": "http://127.0.0.1:8080"}, {}, []
+    lexer = shlex.shlex(block.text.replace("\\\n", " "), posix=True, punctuation_chars=";&|()\n")
+    lexer.whitespace, lexer.whitespace_split, lexer.commenters = " \t", True, "#"
+    for command in _commands(lexer):
+        words = [word for token in command for word in _expanded(token, variables, arrays)]
+        assignment = re.fullmatch(r"(\w+)=(.*)", words[0])
+        if assignment and words[1:2] == ["("]:
+            arrays[assignment.group(1)] = words[2:]
+        elif assignment and len(words) == 1:
+            variables[assignment.group(1)] = assignment.group(2)
+        if "curl" in words:
+            requests_made.append(_curl_request(block.id, words[words.index("curl") + 1:]))
+    return requests_made
+
+
+def _commands(lexer):
+    """The words of each command (or array) of a shell text: what its lines, ;, |, && and ) separate."""
+    command = []
+    for token in lexer:
+        if set(token) <= set(lexer.punctuation_chars) and set(token) & set(";&|)\n"):
+            if command:
+                yield command
+            command = []
+        else:
+            command.append(token)
+    if command:
+        yield command
+
+
+def _expanded(token, variables, arrays):
+    array = re.fullmatch(r"\$\{(\w+)\[@\]\}", token)
+    if array:
+        return arrays.get(array.group(1), [])
+    return [SHELL_VARIABLE.sub(lambda match: variables.get(match.group(1) or match.group(2), match.group(0)), token)]
+
+
+def _curl_request(where, arguments):
+    method, url, headers, data, fields, get = None, None, [], [], {}, False
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        value = arguments[index + 1] if argument in CURL_OPTIONS_WITH_VALUES and index + 1 < len(arguments) else None
+        index += 2 if value is not None else 1
+        if argument in ("-X", "--request"):
+            method = value
+        elif argument in ("-H", "--header"):
+            headers.append(value.lower())
+        elif argument in ("-F", "--form"):
+            name, _, field = value.partition("=")
+            fields[name] = None if field.startswith("@") else field
+        elif argument in ("-d", "--data", "--data-raw", "--data-binary", "--data-urlencode"):
+            data.append(value)
+        elif argument in ("-G", "--get"):
+            get = True
+        elif not argument.startswith("-") and value is None and "/" in argument:
+            url = argument
+    method = method or ("GET" if get or not (data or fields) else "POST")
+    request = ExampleRequest(where, method, url[url.index("/", url.index("//") + 2):] if "//" in url else url)
+    if get:
+        request.url += ("&" if "?" in request.url else "?") + "&".join(
+            f"{name}={quote(value)}" for name, _, value in (item.partition("=") for item in data))
+    elif fields:
+        request.media_type, request.fields = "multipart/form-data", fields
+    elif data and "content-type: application/json" in headers:
+        request.media_type = "application/json"
+        try:
+            request.json = json.loads(data[0])
+        except ValueError:  # a body the shell fills in
+            request.media_type = None
+    elif data:
+        request.media_type = "application/x-www-form-urlencoded"
+        request.fields = dict(item.partition("=")[::2] for item in data)
+    return request
+
+
+SHELL_BLOCKS = [block for block in BLOCKS if block.language in ("sh", "bash")]
+
+
+def test_every_curl_example_is_a_described_call_with_described_parameters():
+    made = [(request, how_to_run(block.directive).shows_errors) for block in SHELL_BLOCKS
+            for request in curl_requests(block) if urlsplit(request.url).path.startswith("/api/")]
+    assert len(made) > 40, "the curl commands of the docs are no longer found"
+    problems = [f"{request.where}: {problem}" for request, errors in made for problem in undescribed(request, errors)]
+    assert not problems, "\n".join(problems)
+
+
+@contextlib.contextmanager
+def sent_requests():
+    """The requests that `requests` sends within the block, each recorded as it goes out."""
+    sent = []
+    send = requests.adapters.HTTPAdapter.send
+
+    def record(adapter, prepared, **options):
+        sent.append(prepared)
+        return send(adapter, prepared, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(requests.adapters.HTTPAdapter, "send", record)
+        yield sent
+
+
+def example_request(where, prepared):
+    """The ExampleRequest of what `requests` sent, its body read as the gateway reads it."""
+    split = urlsplit(prepared.url)
+    body = prepared.body.encode() if isinstance(prepared.body, str) else prepared.body or b""
+    sent = Request(EnvironBuilder(path=split.path, query_string=split.query, method=prepared.method, data=body,
+                                  content_type=prepared.headers.get("Content-Type")).get_environ())
+    request = ExampleRequest(where, prepared.method, split.path + (f"?{split.query}" if split.query else ""))
+    if body:
+        request.media_type = sent.mimetype
+        if sent.mimetype == "application/json":
+            request.json = sent.get_json()
+        else:
+            request.fields = {**sent.form.to_dict(), **dict.fromkeys(sent.files)}
+    return request
+
+
+PYTHON_BLOCKS = [block for block in RUNNABLE_BLOCKS if block.language == "python" and not how_to_run(block.directive).skip]
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[block.id for block in PYTHON_BLOCKS])
+def test_every_requests_example_is_a_described_call_with_described_parameters(block, demo, monkeypatch, tmp_path):
+    how = how_to_run(block.directive)
+    assert not how.second_store, "a Python block on the second store: give this test its server"
+    monkeypatch.setenv("GW", demo.server(how.server_env))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with sent_requests() as sent:
+        exec(compile(block.text, block.id, "exec"), {"__name__": "__main__"})  # the block, as printed
+    assert sent, f"{block.id} sends no request"
+    problems = [problem for prepared in sent for problem in undescribed(example_request(block.id, prepared))]
+    assert not problems, "\n".join(problems)

@@ -18,7 +18,8 @@ from gateway.models import users
 from tests.conftest import TEST_SETTINGS, credentials, release_connections
 
 BASELINE = "0001"
-UPGRADED_FROM_BASELINE = "applied 0001 (the schema before migrations), 0002 (the word index of preferred names)"
+UPGRADED_FROM_BASELINE = ("applied 0001 (the schema before migrations), 0002 (the word index of preferred names), "
+                          "0003 (the report annotator: its queue, the documents it made, and concept synonyms)")
 DEMO_SERIES = {"Project": "demo", "Archive": "main", "PatientID": "DEMO-001",
                "StudyInstanceUID": demo_uid(1, 1, 1), "SeriesInstanceUID": demo_uid(1, 1, 1, 1)}
 DEMO = credentials(DEMO_USER, DEMO_PASSWORD)
@@ -120,17 +121,17 @@ def test_a_store_made_before_migrations_is_upgraded_and_keeps_every_row(fresh_ap
     upgraded = gateway(fresh_app, "db", "upgrade")
     assert upgraded.exit_code == 0, upgraded.output
     assert upgraded.output.splitlines() == [
-        "created tables: annotation_pref_words",
-        f"upgraded the database made before migrations to 0002: {UPGRADED_FROM_BASELINE}",
+        "created tables: annotation_pref_words, concept_synonyms, report_documents, report_jobs",
+        f"upgraded the database made before migrations to 0003: {UPGRADED_FROM_BASELINE}",
     ]
     assert rows_of_every_table(fresh_app, baseline_tables) == rows
     # the word index is built from the annotations the store held: "nodule" finds them as before
     assert served(fresh_app) == answers
-    assert gateway(fresh_app, "db", "current").output == "0002 (head)\n"
+    assert gateway(fresh_app, "db", "current").output == "0003 (head)\n"
 
     again = gateway(fresh_app, "db", "upgrade")
-    assert (again.exit_code, again.output) == (0, "the database is at head already (0002)\n")
-    assert revision_of(fresh_app) == "0002"
+    assert (again.exit_code, again.output) == (0, "the database is at head already (0003)\n")
+    assert revision_of(fresh_app) == "0003"
 
 
 @pytest.mark.parametrize("command", [
@@ -146,7 +147,7 @@ def test_a_store_not_at_head_is_refused_with_what_to_run(fresh_app, baseline_tab
     refused = gateway(fresh_app, *command)
     assert refused.exit_code == 1
     assert refused.stderr == ("Error: the database was made before the gateway had migrations (this version's "
-                              "schema is revision 0002): run 'gateway db upgrade'\n")
+                              "schema is revision 0003): run 'gateway db upgrade'\n")
 
     with fresh_app.app_context():
         init_db()
@@ -154,7 +155,7 @@ def test_a_store_not_at_head_is_refused_with_what_to_run(fresh_app, baseline_tab
             connection.execute(text("UPDATE alembic_version SET version_num = :older"), {"older": BASELINE})
     refused = gateway(fresh_app, *command)
     assert refused.exit_code == 1
-    assert refused.stderr == ("Error: the database schema is at revision 0001, older than this version's 0002: "
+    assert refused.stderr == ("Error: the database schema is at revision 0001, older than this version's 0003: "
                               "run 'gateway db upgrade'\n")
 
 
@@ -168,7 +169,7 @@ def test_a_store_from_a_newer_version_is_refused_and_left_alone(fresh_app, comma
     refused = gateway(fresh_app, *command)
     assert refused.exit_code == 1
     assert refused.stderr == ("Error: the database schema is at revision 9999, which this version of the gateway "
-                              "does not know (its newest is 0002): a newer version upgraded it; run that one\n")
+                              "does not know (its newest is 0003): a newer version upgraded it; run that one\n")
     assert revision_of(fresh_app) == "9999"
 
 
@@ -183,9 +184,9 @@ def test_init_db_creates_the_schema_of_an_empty_store_which_nothing_else_will_us
         every_table = ", ".join(table.name for table in db.metadata.sorted_tables)
     assert created.output.splitlines() == [
         f"created tables: {every_table}",
-        f"upgraded the empty database to 0002: {UPGRADED_FROM_BASELINE}",
+        f"upgraded the empty database to 0003: {UPGRADED_FROM_BASELINE}",
     ]
-    assert gateway(fresh_app, "db", "current").output == "0002 (head)\n"
+    assert gateway(fresh_app, "db", "current").output == "0003 (head)\n"
     assert gateway(fresh_app, "init-db").output == "database already initialised\n"
     assert gateway(fresh_app, "project", "create", "p").exit_code == 0
 
@@ -197,7 +198,7 @@ def test_a_store_older_than_the_throttle_gets_the_tables_it_lacks(fresh_app, bas
     as_before_migrations(fresh_app, baseline_tables, also_missing=["auth_failures"])
     upgraded = gateway(fresh_app, "db", "upgrade")
     assert upgraded.exit_code == 0, upgraded.output
-    assert upgraded.output.splitlines()[0] == "created tables: annotation_pref_words, auth_failures"
+    assert upgraded.output.splitlines()[0] == "created tables: annotation_pref_words, auth_failures, concept_synonyms, report_documents, report_jobs"
     with fresh_app.app_context():
         assert db.session.execute(select(users.c.username)).scalars().all() == ["frank"]
     wrong = fresh_app.test_client().get("/api/v1/patient/get/", headers=credentials("frank", "wrong"))

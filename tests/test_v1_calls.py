@@ -303,6 +303,17 @@ def test_wrong_method_and_unknown_call(stored):
     assert_error(stored.get("patient/nothing/"), 404, "object_not_found", "unknown_call")
 
 
+@pytest.mark.store_independent
+def test_wrong_method_on_a_call_without_its_trailing_slash(stored):
+    """Routing took a method the call does not take, on its path without the slash, for no call (404)."""
+    for call, methods in V1_CALL_METHODS.items():
+        for method in {"GET", "POST", "PUT", "DELETE", "TRACE"} - _allowed(methods):
+            response = stored.client.open(f"/api/v1/{call.rstrip('/')}", method=method, headers=stored.headers)
+            assert_error(response, 405, "method_not_allowed", None)
+            assert set(response.headers["Allow"].split(", ")) == _allowed(methods), (call, method)
+    assert_error(stored.client.open("/api/v1/patient/nothing", method="TRACE"), 404, "object_not_found", "unknown_call")
+
+
 def test_head_never_deletes(stored):
     study = {**ALPHA, "PatientID": PATIENT, "StudyInstanceUID": STUDY}
     for call, params in (("series/delete/", SERIES_PARAMS), ("study/delete/", study), ("patient/delete/", study)):

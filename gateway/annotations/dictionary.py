@@ -21,7 +21,8 @@ from typing import NamedTuple
 from sqlalchemy import delete, func, select
 
 from ..db import db, in_values, insert_ignoring_conflicts, write_transaction
-from ..models import concept_relations, concept_snomed, concept_types, concepts
+from ..models import concept_relations, concept_snomed, concept_synonyms, concept_types, concepts
+from .names import name_key
 
 SEMANTIC_GROUPS_PATH = Path(__file__).with_name("semantic_groups.txt")
 SAMPLE_DIRECTORY = Path(__file__).with_name("sample_dictionary")
@@ -32,6 +33,8 @@ NARROWER_RELATIONS = frozenset({"RN", "CHD"})
 # SNOMED CT codes of obsolete (O) or editor-suppressed (E) atoms are left out: they name retired or
 # wrongly placed SNOMED concepts. Suppressible (Y) atoms are kept: that flag marks a name, not the code.
 SUPPRESSED_SNOMED_ATOMS = frozenset({"O", "E"})
+# Longer English names are no synonym that a report's text would hold (and no key its index could).
+MAX_SYNONYM_LENGTH = concept_synonyms.c.name.type.length
 _PROGRESS_STEP_BYTES = 1 << 20
 
 _CUI = re.compile(r"C\d{1,15}")
@@ -63,15 +66,16 @@ class DictionarySummary(NamedTuple):
     types: int
     relations: int
     snomed_ids: int
+    synonyms: int
 
     def __str__(self):
-        return (f"{self.concepts} concepts, {self.types} semantic types, "
-                f"{self.relations} narrower relations, {self.snomed_ids} SNOMED CT ids")
+        return (f"{self.concepts} concepts, {self.types} semantic types, {self.relations} narrower relations, "
+                f"{self.snomed_ids} SNOMED CT ids, {self.synonyms} synonyms")
 
 
 def dictionary_summary():
     """How many rows each dictionary table holds."""
-    tables = (concepts, concept_types, concept_relations, concept_snomed)
+    tables = (concepts, concept_types, concept_relations, concept_snomed, concept_synonyms)
     return DictionarySummary(*(db.session.scalar(select(func.count()).select_from(table)) for table in tables))
 
 
@@ -158,7 +162,7 @@ class _Reader:
 
 # --- writing ---------------------------------------------------------------------------------------
 
-_TABLES_IN_WRITE_ORDER = (concepts, concept_types, concept_snomed, concept_relations)
+_TABLES_IN_WRITE_ORDER = (concepts, concept_synonyms, concept_types, concept_snomed, concept_relations)
 
 
 class _Batches:
@@ -217,7 +221,8 @@ def load_umls(directory, sources=DEFAULT_SOURCES, progress=None):
     """Replace the dictionary with the UMLS Metathesaurus files MRCONSO.RRF, MRSTY.RRF and MRREL.RRF.
 
     A concept is a CUI with an English name: its preferred one (LAT=ENG, TS=P, STT=PF, ISPREF=Y), else the
-    first English one. MRCONSO.RRF must be sorted by CUI, as the UMLS ships it, so that a concept's rows
+    first English one; its other English names that are not suppressed (SUPPRESS=N) are its synonyms, which
+    the report annotator matches too. MRCONSO.RRF must be sorted by CUI, as the UMLS ships it, so that a concept's rows
     are read together without holding the file. SNOMED CT ids are the CODE of SNOMEDCT_US atoms (see
     SUPPRESSED_SNOMED_ATOMS). Narrower relations are the RN and CHD rows of MRREL whose SAB is one of
     `sources` (CUI2 narrower than CUI1), self-relations left out.
@@ -244,6 +249,7 @@ class _MrconsoConcept:
         self.name = None
         self.name_is_preferred = False
         self.snomed_ids = set()
+        self.names = {}  # every English name not suppressed, by the key the annotator matches it by
 
     def read(self, fields, line_number):
         language, term_status, _lui, string_type, _sui, is_preferred = fields[1:7]
@@ -253,6 +259,8 @@ class _MrconsoConcept:
         preferred = (term_status, string_type, is_preferred) == ("P", "PF", "Y")
         if self.name is None or (preferred and not self.name_is_preferred):
             self.name, self.name_is_preferred = name, preferred
+        if suppress == "N" and len(name) <= MAX_SYNONYM_LENGTH:
+            self.names.setdefault(name_key(name), name)
         if source == "SNOMEDCT_US" and suppress not in SUPPRESSED_SNOMED_ATOMS:
             self.snomed_ids.add(_valid(_SNOMED_ID, code, "SNOMED CT id", MRCONSO, line_number))
 
@@ -260,6 +268,9 @@ class _MrconsoConcept:
         if self.name is None:
             return
         batches.add(concepts, cui=self.cui, pref=self.name)
+        self.names.pop(name_key(self.name), None)
+        for synonym in self.names.values():
+            batches.add(concept_synonyms, cui=self.cui, name=synonym)
         for snomed_id in sorted(self.snomed_ids):
             batches.add(concept_snomed, snomed_id=snomed_id, cui=self.cui)
 

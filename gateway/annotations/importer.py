@@ -49,13 +49,8 @@ def read_document(json_path, text_dir=None, meta_dir=None):
 
     metadata = {keyword: result[keyword] for keyword in _METADATA_FIELDS if keyword in result}
     if meta_dir is not None:
-        meta_path = Path(meta_dir) / (json_path.stem + ".json")
-        if meta_path.exists():
-            meta = read_json_file(meta_path)
-            if not isinstance(meta, dict):
-                raise ValueError(f"{meta_path.name} is not a JSON object")
-            metadata.update({keyword: meta[keyword] for keyword in _METADATA_FIELDS if keyword in meta})
-    fields = _metadata_fields(metadata)
+        metadata.update(read_metadata(Path(meta_dir) / (json_path.stem + ".json")))
+    fields = document_fields(metadata)
     fields.setdefault("sop_instance_uid", json_path.stem)
 
     if text_dir is not None:
@@ -69,7 +64,19 @@ def read_document(json_path, text_dir=None, meta_dir=None):
     return Document(**parts, **fields)
 
 
-def _metadata_fields(metadata):
+def read_metadata(meta_path):
+    """The DICOM metadata (by keyword) of a metadata file, as SemEHR's pipeline writes one beside a report;
+    {} when there is no such file."""
+    if not meta_path.exists():
+        return {}
+    meta = read_json_file(meta_path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path.name} is not a JSON object")
+    return {keyword: meta[keyword] for keyword in _METADATA_FIELDS if keyword in meta}
+
+
+def document_fields(metadata):
+    """Document's keyword arguments of DICOM metadata by keyword; ValueError names a value it cannot store."""
     fields = {}
     for keyword, value in metadata.items():
         if value is None or value == "":

@@ -51,7 +51,7 @@ from ..models import (
     concepts,
     documents,
 )
-from ..validation import StrictBoolean, error_lines, storable_text
+from ..validation import StrictBoolean, StrictInteger, error_lines, storable_text
 from . import mappings
 from .dictionary import semantic_groups
 from .store import CUI_PATTERN, EXPERIENCERS, METADATA_COLUMNS, NEGATIONS, TEMPORALITIES
@@ -244,7 +244,7 @@ class _LeavesUnsetKeysOut(Schema):
 
 class _TermSchema(_LeavesUnsetKeysOut):
     q = _Query(required=True)
-    qdepth = fields.Integer(strict=True, validate=validate.Range(min=0))
+    qdepth = StrictInteger(validate=validate.Range(min=0))
     qstop = _TextList(validate=lambda cuis: all(CUI_PATTERN.fullmatch(cui) for cui in cuis) or _bad_cuis(cuis))
     qonlysty = StrictBoolean()
     negation = _OrUnset(_OneOf(("Any",) + NEGATIONS))

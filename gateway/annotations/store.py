@@ -18,7 +18,7 @@ from ..db import (
     write_transaction,
 )
 from ..errors import InvalidValue, ObjectNotFound
-from ..models import annotation_pref_words, annotation_prefs, annotations, documents, instances
+from ..models import annotation_pref_words, annotation_prefs, annotations, documents, instances, report_documents
 from ..validation import storable_text
 from .words import words
 
@@ -64,6 +64,7 @@ class Document:
     sop_class_uid: str = None
     content_date: datetime.date = None
     modalities_in_study: str = None
+    source_instance_id: int = None  # the archive's SR instance it was read from (gateway.reports), if any
 
     def __post_init__(self):
         self.annotation_rows = annotation_rows(self.annotations)
@@ -206,6 +207,10 @@ def import_documents(batch, known_prefs=None):
             _ANNOTATION_COLUMNS,
             ((document_ids[uid], *row) for uid, document in latest.items() for row in document.annotation_rows),
         )
+        sources = [{"instance_id": document.source_instance_id, "document_id": document_ids[uid]}
+                   for uid, document in latest.items() if document.source_instance_id is not None]
+        if sources:  # an instance deleted meanwhile fails its foreign key: nothing is written
+            session.execute(report_documents.insert(), sources)
         # every annotation's (preferred name, CUI), '' for no name: free text tells from them which CUIs
         # have only names that it matched
         new_prefs = {

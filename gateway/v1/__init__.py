@@ -1,8 +1,9 @@
 """The archive API v1 blueprint (`/api/v1/…`): a thin layer over gateway.archive."""
+import dataclasses
 import logging
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed
+from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 from werkzeug.utils import secure_filename
 
@@ -10,6 +11,7 @@ from .. import archive as archive_store
 from .. import forms, results
 from ..auth.users import authenticate
 from ..errors import GatewayError, InvalidValue, NotAllowed, NotAuthenticated
+from ..openapi import answers
 from ..projects import archive_ref
 from ..validation import check_parameters, storable_text
 
@@ -27,9 +29,44 @@ DELETE_METHODS = ("GET", "DELETE")
 _SMALL_BODY_BYTES = 1 << 20
 
 
-def _authorised_call(permission, *parameters, check_body=None):
-    """Credentials, then permission, then parameters (and `check_body`), then project and archive: the
-    spec's error order."""
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """A call as its view and its OpenAPI description (gateway.openapi.v1) both read it."""
+
+    rule: str
+    methods: tuple
+    permission: str
+    parameters: tuple  # required besides Project and Archive, in the order the view is given them
+    summary: str
+    answer: tuple = ()  # the marshmallow schemas its JSON answer is one of
+    optional: tuple = ()  # parameters the view reads itself
+    file: str = None  # the multipart part `file`: "required", or "optional" (instead of the optional parameters)
+    zip_answer: bool = False  # it answers application/zip (as well as JSON, when `answer` has schemas)
+
+
+CALLS = {}  # by endpoint
+
+
+def _call(rule, permission, *parameters, methods=("GET",), **description):
+    """Route a view as the call that this declares (a Call), which _authorised_call reads for it."""
+
+    def register(view):
+        call = CALLS[f"{bp.name}.{view.__name__}"] = Call(rule, methods, permission, parameters, **description)
+        bp.add_url_rule(rule, view_func=view, methods=methods)
+        if "DELETE" in call.methods:
+            # not the HEAD that werkzeug adds to every rule with GET: a HEAD must never delete. Taken off
+            # the rule itself, so routing refuses it and no Allow header or OPTIONS lists it.
+            bp.record(lambda state: _drop_head(state.app, f"{state.name}.{view.__name__}"))
+        return view
+
+    return register
+
+
+def _authorised_call(check_body=None):
+    """Credentials, then permission, then the parameters of the call's declaration (and `check_body`),
+    then project and archive: the spec's error order."""
+    call = CALLS[request.endpoint]
+    permission, parameters = call.permission, call.parameters
     username, password = request.headers.get("X-USERNAME"), request.headers.get("X-PASSWORD")
     if not username or not password:  # answered before an upload's body is read
         raise NotAuthenticated(None, "X-USERNAME and X-PASSWORD headers are required")
@@ -60,18 +97,6 @@ def _body_waits_for_credentials():
     return length is None or length > min(_SMALL_BODY_BYTES, current_app.config["MAX_CONTENT_LENGTH"])
 
 
-def _deleting_route(rule):
-    """GET or DELETE, but not the HEAD that werkzeug adds to every rule with GET: a HEAD must never
-    delete. Taken off the rule itself, so routing refuses it and no Allow header or OPTIONS lists it."""
-
-    def register(view):
-        bp.add_url_rule(rule, view_func=view, methods=DELETE_METHODS)
-        bp.record(lambda state: _drop_head(state.app, f"{state.name}.{view.__name__}"))
-        return view
-
-    return register
-
-
 def _drop_head(app, endpoint):
     for url_rule in app.url_map.iter_rules(endpoint):
         url_rule.methods.discard("HEAD")
@@ -92,62 +117,68 @@ def _require_file():
         raise InvalidValue("no_data_submitted", "no file was submitted (a multipart field named 'file' is expected)")
 
 
-@bp.post("/instance/upload/")
+@_call("/instance/upload/", "api_instance_upload", methods=("POST",), file="required", answer=(answers.Uploaded,),
+       summary="Upload a DICOM Part 10 file: its PatientID and UIDs")
 def upload_instance():
-    _user_id, archive, _ = _authorised_call("api_instance_upload", check_body=_require_file)
+    _user_id, archive, _ = _authorised_call(check_body=_require_file)
     if not archive.can_upload:
         raise NotAllowed(None, "uploading to this project needs the upload right (upload_project)")
     handle, filename, size = _uploaded_file()
     return jsonify(archive_store.store_instance(archive, handle, size, filename))
 
 
-@bp.get("/patient/get/")
+@_call("/patient/get/", "api_get_patient", *PATIENT, answer=(answers.Patient,), summary="A patient")
 def get_patient():
-    _user_id, archive, params = _authorised_call("api_get_patient", *PATIENT)
+    _user_id, archive, params = _authorised_call()
     return jsonify(archive_store.get_patient(archive, *params))
 
 
-@_deleting_route("/patient/delete/")
+@_call("/patient/delete/", "api_delete_patient", *PATIENT, methods=DELETE_METHODS, answer=(answers.Deleted,),
+       summary="Delete a patient with everything below it")
 def delete_patient():
-    _user_id, archive, params = _authorised_call("api_delete_patient", *PATIENT)
+    _user_id, archive, params = _authorised_call()
     archive_store.delete_patient(archive, *params)
     return jsonify(status="Ok")
 
 
-@bp.get("/study/get/")
+@_call("/study/get/", "api_get_study", *STUDY, answer=(answers.Study,), summary="A study")
 def get_study():
-    _user_id, archive, params = _authorised_call("api_get_study", *STUDY)
+    _user_id, archive, params = _authorised_call()
     return jsonify(archive_store.get_study(archive, *params))
 
 
-@bp.get("/patient/studies/list/")
+@_call("/patient/studies/list/", "api_list_studies", *PATIENT, answer=(answers.Study(many=True),),
+       summary="A patient's studies")
 def list_studies():
-    _user_id, archive, params = _authorised_call("api_list_studies", *PATIENT)
+    _user_id, archive, params = _authorised_call()
     return jsonify(archive_store.list_studies(archive, *params))
 
 
-@_deleting_route("/study/delete/")
+@_call("/study/delete/", "api_delete_study", *STUDY, methods=DELETE_METHODS, answer=(answers.Deleted,),
+       summary="Delete a study with everything below it")
 def delete_study():
-    _user_id, archive, params = _authorised_call("api_delete_study", *STUDY)
+    _user_id, archive, params = _authorised_call()
     archive_store.delete_study(archive, *params)
     return jsonify(status="Ok")
 
 
-@bp.get("/series/get/")
+@_call("/series/get/", "api_get_series", *SERIES, answer=(answers.Series,), summary="A series")
 def get_series():
-    _user_id, archive, params = _authorised_call("api_get_series", *SERIES)
+    _user_id, archive, params = _authorised_call()
     return jsonify(archive_store.get_series(archive, *params))
 
 
-@bp.get("/patient/study/series/list/")
+@_call("/patient/study/series/list/", "api_list_series", *STUDY, answer=(answers.Series(many=True),),
+       summary="A study's series")
 def list_series():
-    _user_id, archive, params = _authorised_call("api_list_series", *STUDY)
+    _user_id, archive, params = _authorised_call()
     return jsonify(archive_store.list_series(archive, *params))
 
 
-@bp.get("/dicom/get/")
+@_call("/dicom/get/", "api_dicom_get", *SERIES, zip_answer=True,
+       summary="A zip of the series' instances, one <SOPInstanceUID>.dcm each")
 def get_series_dicom():
-    _user_id, archive, params = _authorised_call("api_dicom_get", *SERIES)
+    _user_id, archive, params = _authorised_call()
     chunks = archive_store.series_zip(archive, *params)
     filename = secure_filename(params[-1]) or "series"
     return Response(
@@ -155,38 +186,44 @@ def get_series_dicom():
     )
 
 
-@_deleting_route("/series/delete/")
+@_call("/series/delete/", "api_delete_series", *SERIES, methods=DELETE_METHODS, answer=(answers.Deleted,),
+       summary="Delete a series with its instances, results and form submissions")
 def delete_series():
-    _user_id, archive, params = _authorised_call("api_delete_series", *SERIES)
+    _user_id, archive, params = _authorised_call()
     archive_store.delete_series(archive, *params)
     return jsonify(status="Ok")
 
 
-@bp.post("/series/results/add/")
+@_call("/series/results/add/", "api_add_series_results", *SERIES, "Type", "Name", "Algorithm", methods=("POST",),
+       optional=("Value",), file="optional", answer=(answers.ScalarResult, answers.FileResult),
+       summary="Store a result of the series: a scalar Value or a file, replacing one of the same Name")
 def add_series_result():
-    _user_id, archive, params = _authorised_call("api_add_series_results", *SERIES, "Type", "Name", "Algorithm")
+    _user_id, archive, params = _authorised_call()
     value = request.form.get("Value")
     return jsonify(results.add_result(archive, *params, value=value, upload=_uploaded_file()))
 
 
-@bp.get("/series/results/")
+@_call("/series/results/", "api_series_results", *SERIES, "Type", "Results", answer=(answers.ScalarResult(many=True),),
+       zip_answer=True, summary="Results of the series by name: JSON for scalars, a zip when any is a file")
 def get_series_results():
-    _user_id, archive, params = _authorised_call("api_series_results", *SERIES, "Type", "Results")
+    _user_id, archive, params = _authorised_call()
     kind, answer = results.get_results(archive, *params)
     if kind == "json":
         return jsonify(answer)
     return Response(answer, mimetype="application/zip", headers={"Content-Disposition": 'attachment; filename="results.zip"'})
 
 
-@bp.get("/patient/study/series/forms/list/")
+@_call("/patient/study/series/forms/list/", "api_list_forms", *SERIES, answer=(answers.FormSubmission(many=True),),
+       summary="The series' form submissions")
 def list_form_submissions():
-    _user_id, archive, params = _authorised_call("api_list_forms", *SERIES)
+    _user_id, archive, params = _authorised_call()
     return jsonify(forms.list_submissions(archive, *params))
 
 
-@bp.post("/patient/study/series/forms/add/")
+@_call("/patient/study/series/forms/add/", "api_add_form_submission", *SERIES, "FormName", "FormSubmission",
+       methods=("POST",), answer=(answers.FormSubmission,), summary="Submit a reporting form for the series")
 def add_form_submission():
-    user_id, archive, params = _authorised_call("api_add_form_submission", *SERIES, "FormName", "FormSubmission")
+    user_id, archive, params = _authorised_call()
     return jsonify(forms.add_submission(archive, user_id, *params))
 
 
@@ -244,6 +281,16 @@ def register_error_handlers(app):
         if location:
             response.headers["Location"] = location
         return response
+
+    @app.before_request
+    def unslashed_method_not_allowed():
+        """Routing answers a method that a call does not take, on the call's path without its trailing
+        slash, as no call at all (404): it is that call's 405, with the methods it takes."""
+        if isinstance(request.routing_exception, NotFound) and in_v1() and not request.path.endswith("/"):
+            methods = app.create_url_adapter(request).allowed_methods(request.path + "/")
+            if methods:
+                return http_error(MethodNotAllowed(valid_methods=methods))
+        return None
 
     @app.before_request
     def redirect_in_json():
