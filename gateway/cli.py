@@ -394,7 +394,7 @@ def annotate_command(project, archive, text_dir, meta_dir):
     for sop_instance_uid, attempts, reason in state.failed:
         click.echo(f"failed {sop_instance_uid} after {attempts} attempts: {reason}")
     if state.pending:
-        click.echo(f"{state.pending} wait for another worker")
+        click.echo(f"{state.pending} still queued: being read by another worker, or to be tried again")
 
 
 @click.command("worker")

@@ -27,6 +27,7 @@ from highdicom.sr import (
     TextContentItem,
 )
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from gateway.annotations.dictionary import load_sample
 from gateway.cli import main
@@ -312,3 +313,25 @@ def test_the_shared_basic_text_reports_read_alike_whether_their_text_is_html_or_
 def test_gateway_annotate_refuses_what_it_cannot_do(seeded, args, reason):
     run = CliRunner().invoke(main, ["annotate", *args], obj=ScriptInfo(create_app=lambda: seeded))
     assert (run.exit_code, run.stderr) == (1, f"Error: {reason}\n")
+
+
+def test_the_worker_waits_out_a_store_that_fails_and_goes_on(reports, monkeypatch):
+    from gateway.reports import annotating, worker
+
+    monkeypatch.setattr(worker, "_PAUSE_AFTER_ERROR", 0.01)
+    claims, stop = [], threading.Event()
+
+    def claim_failing_once(count):
+        claims.append(count)
+        if len(claims) == 1:
+            raise OperationalError("SELECT", {}, Exception("the server closed the connection"))
+        taken = jobs.claim(count)
+        if not taken:
+            stop.set()
+        return taken
+
+    monkeypatch.setattr(annotating, "claim", claim_failing_once)
+    with reports.app_context():
+        worker.run_worker(poll_seconds=0.01, stop=stop)
+    assert len(claims) >= 3  # the failure, the report, the empty queue
+    assert search(reports.test_client(), {"terms": [{"q": PNEUMONIA, "negation": "Negated"}]}) == [REPORT]

@@ -10,9 +10,12 @@ import os
 import signal
 import threading
 
+from ..db import db
 from .annotating import StoreAnnotator, work_once
 
 log = logging.getLogger(__name__)
+
+_PAUSE_AFTER_ERROR = 10  # seconds
 
 
 def run_worker(poll_seconds=1.0, stop=None, stop_with_parent=False):
@@ -26,6 +29,13 @@ def run_worker(poll_seconds=1.0, stop=None, stop_with_parent=False):
     annotator = StoreAnnotator()
     log.info("the report worker is running")
     while not stop.is_set() and not (stop_with_parent and os.getppid() != parent):
-        if not work_once(annotator):
+        try:
+            busy = work_once(annotator)
+        except Exception:  # the store gone for a while (a restart, a network cut): the worker waits for it
+            log.exception("the report worker could not work the queue; trying again in %s s", _PAUSE_AFTER_ERROR)
+            db.session.rollback()
+            stop.wait(_PAUSE_AFTER_ERROR)
+            continue
+        if not busy:
             stop.wait(poll_seconds)
     log.info("the report worker stopped")
