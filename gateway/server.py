@@ -71,6 +71,9 @@ def serve(app_factory, bind, workers, threads, timeout, report_workers=0):
     _GatewayServer(app_factory, options).run()
 
 
+_REPORT_WORKER_STOP_SECONDS = 30
+
+
 def _report_worker_hooks(count):
     """gunicorn hooks that run `count` report workers (`gateway worker`, gateway.reports.worker) beside the web
     workers: processes of their own, so that annotating never holds a thread that answers requests. Started
@@ -91,5 +94,3 @@ def _report_worker_hooks(count):
 
     return {"when_ready": when_ready, "on_exit": on_exit}
 
-
-_REPORT_WORKER_STOP_SECONDS = 30

@@ -335,3 +335,15 @@ def test_the_worker_waits_out_a_store_that_fails_and_goes_on(reports, monkeypatc
         worker.run_worker(poll_seconds=0.01, stop=stop)
     assert len(claims) >= 3  # the failure, the report, the empty queue
     assert search(reports.test_client(), {"terms": [{"q": PNEUMONIA, "negation": "Negated"}]}) == [REPORT]
+
+
+def test_a_worker_sees_a_new_dictionary_at_its_next_look(reports, monkeypatch):
+    from gateway.reports import annotating
+
+    with reports.app_context():
+        annotator = StoreAnnotator()
+        first = annotator.current()
+        load_fixture_dictionary()
+        assert annotator.current() is first  # not looked at again so soon
+        monkeypatch.setattr(annotating, "VERSION_CHECK_SECONDS", 0)
+        assert annotator.current() is not first

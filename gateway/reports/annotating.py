@@ -5,6 +5,7 @@ The annotator is built from every preferred name and synonym of the loaded dicti
 again when the dictionary has changed (a load replaces it as a whole, in one transaction).
 """
 import logging
+import time
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 20  # jobs a worker takes at once: a few seconds of work, and few claims
 TEXT_BATCH = 200  # text reports annotated together (nlp.pipe) and written in one transaction
+# How soon a worker sees a new dictionary: not at every batch, as looking reads every name of it
+VERSION_CHECK_SECONDS = 10
 
 
 def terms_from_store():
@@ -38,7 +41,7 @@ def terms_from_store():
 
 
 def _dictionary_version():
-    """What tells one loaded dictionary from another, read cheaply."""
+    """What tells one loaded dictionary from another: it reads every name, so it is read once in a while."""
     names = db.session.execute(select(func.count(), func.sum(func.length(concepts.c.pref)))).one()
     synonyms = db.session.execute(select(func.count()).select_from(concept_synonyms)).scalar_one()
     return (*names, synonyms)
@@ -48,9 +51,13 @@ class StoreAnnotator:
     """The Annotator of the store's dictionary, built when first asked for and again after the dictionary changed."""
 
     def __init__(self):
-        self._version, self._annotator = None, None
+        self._version, self._annotator, self._checked_at = None, None, None
 
     def current(self):
+        now = time.monotonic()
+        if self._checked_at is not None and now - self._checked_at < VERSION_CHECK_SECONDS:
+            return self._annotator
+        self._checked_at = now
         version = _dictionary_version()
         if version != self._version:
             # spaCy takes seconds to import: a worker that never sees a report never pays for it
